@@ -1,0 +1,396 @@
+"""One QLoRA trial: load 4-bit base -> LoRA -> packed data -> steps -> eval/report -> checkpoint -> result.
+
+Reads top to bottom. Knows nothing of Optuna: the worker passes `report(eval_index, eval_loss)`,
+which returns True when the trial should stop (pruned).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner import data as D
+from sweeper.errors import SweeperError
+from sweeper.spec import SweepSpec, TrainSpec
+
+CPU_MAX_MICRO_BATCH = 8  # on the CPU memory is no limit; this keeps a step's latency modest
+
+
+class NonFiniteLoss(SweeperError):
+    """The training loss became NaN or inf (fp16 overflow, too high a learning rate)."""
+
+
+@dataclass
+class SweepData:
+    """What every trial of a sweep shares: the tokenizer and the same train and eval sequences."""
+
+    tokenizer: Any
+    train: D.Batchable
+    eval: D.Batchable
+
+
+@dataclass
+class TrialResult:
+    eval_loss: float | None
+    """Final eval loss (the objective); for a pruned trial, the last eval loss."""
+    pruned_at: int | None
+    """Eval index at which the trial was pruned, or None."""
+    eval_losses: list[float]
+    train_loss: list[list[float]]
+    """[step, loss] pairs, at most about 50."""
+    steps: int
+    total_steps: int
+    train_tokens: int
+    tokens_per_s: float
+    peak_mem_mb: float
+    wall_time_s: float
+    micro_batch: int
+    grad_accum: int
+    precision: str
+    checkpoint: str
+    resumed_from_step: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def quiet_libraries() -> None:
+    """Progress bars and deprecation chatter from transformers would bury the worker's own log."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data shared by the sweep
+
+
+def prepare_data(spec: SweepSpec) -> SweepData:
+    """Tokenize the dataset once per sweep: every trial trains on the same sequences."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.model.id)
+    except OSError as e:
+        raise SweeperError(f"cannot load the tokenizer of {spec.model.id!r}: {str(e).splitlines()[0]}") from None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seq_len, seed = spec.model.max_seq_len, spec.train.seed
+    docs = D.tokenize(D.load_records(spec.data), tokenizer, spec.data, seq_len)
+    train_docs, eval_docs = D.split_eval(docs, spec.data.eval_examples, seed)
+    budget = D.budget_docs(train_docs, seq_len, seed, spec.budget.train_tokens, spec.budget.train_examples)
+    layout = D.pack if spec.data.packing else D.pad_each
+    return SweepData(tokenizer, layout(budget, seq_len, pad_id), layout(eval_docs, seq_len, pad_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def pick_precision(device: torch.device, asked: str | None = None) -> torch.dtype:
+    """bf16 on GPUs that have it (compute capability 8+), fp16 on T4/P100, fp32 on the CPU."""
+    asked = asked or os.environ.get("SWEEPER_PRECISION")
+    if asked:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[asked]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def load_model(spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: torch.dtype):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = None
+    if spec.model.quantize == "nf4":
+        # On T4 the 4-bit compute dtype must be fp16: the fp32 default is slow (DESIGN.md).
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.model.id, quantization_config=quant, dtype=dtype,
+                                                     device_map={"": device}, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:  # a missing folder or file; a config transformers does not know
+        raise SweeperError(f"cannot load model {spec.model.id!r}: {str(e).splitlines()[0]}") from None
+    model.config.use_cache = False  # a KV cache also turns off the packed-sequence masking
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.model.gradient_checkpointing)
+    elif spec.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    torch.manual_seed(cfg.seed)  # the same LoRA init for every trial
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=spec.model.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def make_optimizer(model, cfg: TrainSpec, total_steps: int):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    else:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        optimizer = cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def to_tensors(rows: D.Batchable) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.tensor(rows.input_ids), "labels": torch.tensor(rows.labels),
+            "position_ids": torch.tensor(rows.position_ids)}
+
+
+def label_count(labels: torch.Tensor) -> int:
+    """Tokens the loss is taken on (HF shifts labels left by one)."""
+    return int((labels[:, 1:] != D.IGNORE).sum())
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], device, dtype, n_items: int) -> torch.Tensor:
+    """Sum of token losses / n_items, so micro-batches add up to the exact token mean of the step."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model(**batch, num_items_in_batch=n_items).loss
+
+
+def choose_micro_batch(model, tensors, batch_size: int, device, dtype) -> int:
+    """The largest power-of-two micro-batch (dividing the batch) whose forward and backward fit."""
+    candidates = [m for m in (2**i for i in range(12, -1, -1)) if m <= batch_size and batch_size % m == 0]
+    if device.type != "cuda":
+        return next(m for m in candidates if m <= CPU_MAX_MICRO_BATCH)
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    try:
+        for m in candidates:
+            batch = {k: v[:m] for k, v in tensors.items()}
+            try:
+                forward_loss(model, batch, device, dtype, max(1, label_count(batch["labels"]))).backward()
+                return m
+            except torch.cuda.OutOfMemoryError:
+                pass  # free the failed attempt's memory outside the except block
+            finally:
+                model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        raise SweeperError(f"out of GPU memory even at micro-batch 1 (seq len {tensors['input_ids'].shape[1]})")
+    finally:
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state_all(rng[1])
+
+
+@torch.no_grad()
+def evaluate(model, tensors, micro_batch: int, device, dtype) -> float:
+    model.eval()
+    n_items = max(1, label_count(tensors["labels"]))
+    total = torch.zeros((), device=device)
+    for i in range(0, len(tensors["input_ids"]), micro_batch):
+        total += forward_loss(model, {k: v[i:i + micro_batch] for k, v in tensors.items()}, device, dtype, n_items).float()
+    model.train()
+    return float(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: adapter (safetensors), optimizer, scheduler, scaler, RNG, step; written atomically.
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(trial_dir: Path) -> Path | None:
+    steps = sorted(p for p in trial_dir.glob("step-*") if (p / "trainer_state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(trial_dir: Path, model, optimizer, scheduler, scaler, state: dict[str, Any], keep: int = 2) -> Path:
+    final = trial_dir / f"step-{state['step']:06d}"
+    tmp = trial_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # readers only ever see whole checkpoints
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SweeperError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
+    for old in sorted(trial_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, params: dict[str, Any]) -> dict[str, Any]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["params"] != params:
+        raise SweeperError(f"checkpoint {path} belongs to a trial with other params ({state['params']})")
+    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    saved = torch.load(path / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial
+
+
+def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_data: SweepData,
+              report: Callable[[int, float], bool] | None = None, *, device: str | None = None,
+              precision: str | None = None, micro_batch: int | None = None,
+              log: Callable[[str], None] = print) -> TrialResult:
+    """Train one trial to its token budget, evaluating `budget.evals` times; resume from trial_dir if it holds a checkpoint."""
+    started = time.perf_counter()
+    cfg = spec.trial_config(params)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = pick_precision(dev, precision)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    model = load_model(spec, cfg, dev, dtype)
+    model.train()
+    train, evalset = to_tensors(sweep_data.train), to_tensors(sweep_data.eval)
+    total_steps = max(1, len(sweep_data.train) // cfg.batch_size)
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    eval_at = {max(1, round(total_steps * k / spec.budget.evals)): k for k in range(1, spec.budget.evals + 1)}
+
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "params": params, "train_loss": [], "eval_losses": [], "micro_batch": micro_batch,
+             "train_seconds": 0.0, "tokens": 0}
+    checkpoint = latest_checkpoint(trial_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, params)
+        log(f"resuming from {checkpoint} (step {state['step']}/{total_steps})")
+    resumed_from = state["step"]
+    micro = state["micro_batch"] or choose_micro_batch(model, train, cfg.batch_size, dev, dtype)
+    state["micro_batch"] = micro
+    pruned_at = None
+
+    for step in range(state["step"], total_steps):
+        t0 = time.perf_counter()
+        rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        batch = {k: v[rows] for k, v in train.items()}
+        n_items = max(1, label_count(batch["labels"]))
+        step_loss = torch.zeros((), device=dev)
+        for i in range(0, cfg.batch_size, micro):
+            loss = forward_loss(model, {k: v[i:i + micro] for k, v in batch.items()}, dev, dtype, n_items)
+            scaler.scale(loss).backward()
+            step_loss += loss.detach().float()
+        loss_value = float(step_loss)  # one device sync per step
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"training loss became {loss_value} at step {step + 1} ({_precision_name(dtype)})")
+        if cfg.max_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state["step"] = step + 1
+        state["tokens"] += sum(sweep_data.train.real[rows])
+        state["train_seconds"] += time.perf_counter() - t0
+        state["train_loss"].append([step + 1, round(loss_value, 5)])
+
+        if state["step"] in eval_at:
+            k = eval_at[state["step"]]
+            eval_loss = evaluate(model, evalset, micro, dev, dtype)
+            state["eval_losses"].append(eval_loss)
+            log(f"  eval {k}/{spec.budget.evals} step {state['step']}/{total_steps}: "
+                f"train {loss_value:.4f} eval {eval_loss:.4f}")
+            if not math.isfinite(eval_loss):
+                raise NonFiniteLoss(f"eval loss became {eval_loss} at step {state['step']} ({_precision_name(dtype)})")
+            if report is not None and report(k, eval_loss):
+                pruned_at = k
+                break
+        if state["step"] % spec.budget.checkpoint_every == 0 or state["step"] == total_steps:
+            checkpoint = save_checkpoint(trial_dir, model, optimizer, scheduler, scaler, state)
+
+    tokens_per_s = state["tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0
+    return TrialResult(
+        eval_loss=state["eval_losses"][-1] if state["eval_losses"] else None,
+        pruned_at=pruned_at,
+        eval_losses=state["eval_losses"],
+        train_loss=state["train_loss"][:: max(1, len(state["train_loss"]) // 50)],
+        steps=state["step"],
+        total_steps=total_steps,
+        train_tokens=state["tokens"],
+        tokens_per_s=round(tokens_per_s, 1),
+        peak_mem_mb=round(_peak_mem_mb(dev), 1),
+        wall_time_s=round(time.perf_counter() - started, 2),
+        micro_batch=micro,
+        grad_accum=math.ceil(cfg.batch_size / micro),
+        precision=_precision_name(dtype),
+        checkpoint=str(checkpoint) if checkpoint else "",
+        resumed_from_step=resumed_from,
+        versions=library_versions(),
+    )
+
+
+def _precision_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # the process's peak RSS: on the CPU there is no per-trial counter
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("sweeper", "torch", "transformers", "peft", "bitsandbytes", "optuna"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def result_attrs(result: TrialResult) -> dict[str, Any]:
+    """The result as trial user attrs (JSON-safe), the names report.py shows."""
+    return asdict(result)

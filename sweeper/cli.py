@@ -1,0 +1,199 @@
+"""The `sweeper` command: a thin layer over spec, study, storage and report.
+
+Data goes to stdout, messages to stderr. Exit codes: 0 ok, 1 runtime failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import tomli_w
+from rich.console import Console
+
+from sweeper import __version__, report
+from sweeper.errors import SweeperError, UserError
+from sweeper.spec import load_spec
+from sweeper.storage import BACKENDS
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # never break a path or URL across lines
+
+
+class _Group(click.Group):
+    """Every SweeperError becomes one `Error: ...` line and its exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SweeperError as e:
+            error = click.ClickException(str(e))
+            error.exit_code = e.exit_code
+            raise error from None
+
+
+store_option = click.option("--store", envvar="SWEEPER_STORE", required=True, metavar="URL",
+                            help="Store URL (env SWEEPER_STORE); `sweeper stores` lists the kinds.")
+study_option = click.option("--study", envvar="SWEEPER_STUDY", metavar="NAME",
+                            help="Study name (env SWEEPER_STUDY); may be left out when the store holds one study.")
+
+
+def _study_name(store: str, name: str | None) -> str:
+    if name:
+        return name
+    import optuna
+
+    from sweeper.storage import open_storage
+
+    names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(store), include_best_trial=False)]
+    if len(names) == 1:
+        return names[0]
+    raise UserError("give --study: the store holds " + (f"studies {', '.join(names)}" if names else "no study"))
+
+
+def _open(store: str, study: str | None):
+    from sweeper.study import load_study
+
+    return load_study(store, _study_name(store, study))
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="sweeper")
+def cli() -> None:
+    """One Optuna sweep of QLoRA fine-tunes, shared by many notebooks through one store."""
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False, path_type=Path))
+@store_option
+@click.option("--overwrite", is_flag=True, help="Replace the spec of an existing study (its trials are kept).")
+def init(sweep_file: Path, store: str, overwrite: bool) -> None:
+    """Validate SWEEP_FILE and create its study in the store."""
+    from sweeper.study import create_study
+
+    spec = load_spec(sweep_file)
+    _, what = create_study(spec, store, overwrite=overwrite)
+    err.print(f"study {spec.study!r}: {what}")
+    click.echo(spec.study)
+
+
+@cli.command()
+@store_option
+@study_option
+@click.option("--grid", is_flag=True, help="Enqueue every point of the space's grid.")
+@click.option("--point", "points", multiple=True, metavar="NAME=VALUE,...",
+              help="A point to enqueue, e.g. learning_rate=1e-4,batch_size=16. Repeatable.")
+def enqueue(store: str, study: str | None, grid: bool, points: tuple[str, ...]) -> None:
+    """Enqueue points for workers to run first; a point already present is skipped."""
+    from sweeper.study import enqueue as enqueue_points
+    from sweeper.study import grid_points, parse_point
+
+    if not grid and not points:
+        raise UserError("give --grid or at least one --point")
+    optuna_study, spec = _open(store, study)
+    wanted = (grid_points(spec) if grid else []) + [parse_point(p, spec) for p in points]
+    added = enqueue_points(optuna_study, store, wanted)
+    err.print(f"enqueued {len(added)} of {len(wanted)} points ({len(wanted) - len(added)} already present)")
+
+
+@cli.command(name="report")
+@store_option
+@study_option
+@click.option("--json", "as_json", is_flag=True, help="Print the trials as JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the trials as CSV.")
+def report_command(store: str, study: str | None, as_json: bool, as_csv: bool) -> None:
+    """Show every trial: state, params, eval loss, steps, wall time, GPU, account, checkpoint."""
+    if as_json and as_csv:
+        raise UserError("give --json or --csv, not both")
+    optuna_study, spec = _open(store, study)
+    rows = report.trial_rows(optuna_study)
+    if as_json:
+        click.echo(report.to_json(rows))
+    elif as_csv:
+        click.echo(report.to_csv(spec, rows), nl=False)
+    else:
+        report.render_table(optuna_study, spec, rows, Console(width=max(160, Console().width)))
+
+
+@cli.command()
+@store_option
+@study_option
+@click.option("--export", type=click.Path(dir_okay=False, path_type=Path), help="Write the config to this TOML file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the config as JSON instead of TOML.")
+def best(store: str, study: str | None, export: Path | None, as_json: bool) -> None:
+    """The config for the full run: the best trial's params plus everything the spec fixes."""
+    optuna_study, spec = _open(store, study)
+    config = report.best_config(optuna_study, spec)
+    text = json.dumps(config, indent=2) if as_json else tomli_w.dumps(config)
+    if export:
+        try:
+            export.write_text(text)
+        except OSError as e:
+            raise SweeperError(f"cannot write {export}: {e.strerror or e}") from None
+        err.print(f"best trial #{config['best_trial']} (eval loss {config['eval_loss']:.4f}) written to {export}")
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command()
+@store_option
+@study_option
+@click.option("--max-trials", type=click.IntRange(min=1), help="Stop after this many trials.")
+@click.option("--account", envvar="SWEEPER_ACCOUNT", help="Label for this worker's account in the report (env SWEEPER_ACCOUNT).")
+@click.option("--checkpoint-root", type=click.Path(file_okay=False), help="Where trial checkpoints go (default: per platform).")
+@click.option("--deadline-hours", type=click.FloatRange(min=0), help="Session length; no trial starts that cannot finish in it.")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), help="Override the automatic choice.")
+def worker(store: str, study: str | None, max_trials: int | None, account: str | None, checkpoint_root: str | None,
+           deadline_hours: float | None, precision: str | None) -> None:
+    """Join a study: claim trials (enqueued first), fine-tune, write results back."""
+    from runner import run_worker
+
+    summary = run_worker(store, _study_name(store, study), max_trials=max_trials, account=account,
+                         checkpoint_root=checkpoint_root, deadline_hours=deadline_hours, precision=precision,
+                         log=lambda line: err.print(line))
+    click.echo(json.dumps({"worker": summary.worker_id, "trials": summary.trials, "stop_reason": summary.stop_reason}))
+
+
+@cli.command()
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=Path("sweeper-demo"),
+              show_default=True, help="Folder for the model, data, store and checkpoints.")
+@click.option("--trials", type=click.IntRange(min=2), default=12, show_default=True)
+def demo(folder: Path, trials: int) -> None:
+    """A real QLoRA sweep of a tiny model on the CPU, with a local store: report and best config at the end."""
+    from runner import run_worker
+    from runner.demo import FIRST_POINTS, prepare_demo
+    from runner.train import quiet_libraries
+    from sweeper.study import create_study, enqueue as enqueue_points
+
+    quiet_libraries()
+    err.print(f"building a tiny model and dataset in {folder}/")
+    sweep = prepare_demo(folder, n_trials=trials)
+    spec = load_spec(sweep)
+    store = f"sqlite:///{folder / 'sweeps.db'}"
+    optuna_study, what = create_study(spec, store, overwrite=True)
+    enqueue_points(optuna_study, store, FIRST_POINTS)
+    err.print(f"study {spec.study!r} in {store}: {what}; running {trials} trials")
+    run_worker(store, spec.study, checkpoint_root=str(folder / "checkpoints"), account="demo",
+               log=lambda line: err.print(line))
+    from sweeper.study import load_study
+
+    optuna_study, spec = load_study(store, spec.study)
+    report.render_table(optuna_study, spec, report.trial_rows(optuna_study), Console(width=max(160, Console().width)))
+    click.echo(tomli_w.dumps(report.best_config(optuna_study, spec)))
+    err.print(f"again: sweeper report --store {store}")
+
+
+@cli.command()
+def stores() -> None:
+    """List the store URL kinds and what each is safe for."""
+    for backend in BACKENDS.values():
+        click.echo(f"{backend.example:40} {backend.safe_for}")
+
+
+def main() -> None:
+    cli(prog_name="sweeper")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

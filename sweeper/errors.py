@@ -1,0 +1,13 @@
+"""The two kinds of failure a user sees: bad input (exit 2) and runtime failure (exit 1)."""
+
+
+class SweeperError(Exception):
+    """Something went wrong while doing what was asked (exit 1)."""
+
+    exit_code = 1
+
+
+class UserError(SweeperError):
+    """What was asked is malformed: a bad sweep file, URL, flag or study name (exit 2)."""
+
+    exit_code = 2

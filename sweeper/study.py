@@ -1,0 +1,191 @@
+"""The study in a store: created from a SweepSpec, which it then carries for every worker."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+from optuna.exceptions import StorageInternalError
+from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
+
+from sweeper.errors import SweeperError, UserError
+from sweeper.spec import TUNABLE, SweepSpec, spec_from_dict
+from sweeper.storage import open_storage, redact, store_lock
+
+SPEC_ATTR = "sweeper_spec"
+
+optuna.logging.set_verbosity(logging.WARNING)
+
+
+def create_study(spec: SweepSpec, url: str, overwrite: bool = False) -> tuple[optuna.Study, str]:
+    """Create the study and store the spec in it. Returns the study and what was done.
+
+    An existing study with the same spec is left alone; with a different spec it is refused
+    unless `overwrite`, which replaces the stored spec and keeps the trials.
+    """
+    storage = open_storage(url)
+    with _store_errors(url):
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if spec.study in names:
+            study = optuna.load_study(study_name=spec.study, storage=storage)
+            stored = study.user_attrs.get(SPEC_ATTR)
+            if stored == spec.to_dict():
+                return study, "exists, unchanged"
+            if not overwrite:
+                changed = _changed_fields(stored or {}, spec.to_dict())
+                raise UserError(
+                    f"study {spec.study!r} already exists with a different spec (changed: {', '.join(changed)}); "
+                    "pass --overwrite to replace the spec (trials are kept)"
+                )
+            study.set_user_attr(SPEC_ATTR, spec.to_dict())
+            return study, "spec replaced"
+        study = optuna.create_study(study_name=spec.study, storage=storage, direction="minimize")
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        return study, "created"
+
+
+def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def load_study(url: str, name: str, worker_seed: int | None = None) -> tuple[optuna.Study, SweepSpec]:
+    """Open a sweeper study and its spec, with the spec's sampler and pruner attached."""
+    storage = open_storage(url)
+    with _store_errors(url):
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+            have = f"; studies here: {', '.join(names)}" if names else "; the store holds no study yet (run sweeper init)"
+            raise UserError(f"no study {name!r} in the store{have}") from None
+        stored = study.user_attrs.get(SPEC_ATTR)
+        if stored is None:
+            raise UserError(f"study {name!r} was not created by sweeper init: it holds no sweep spec")
+        spec = spec_from_dict(stored, source=f"spec stored in study {name!r}")
+        study.sampler = make_sampler(spec, worker_seed)
+        study.pruner = make_pruner(spec)
+    return study, spec
+
+
+@contextlib.contextmanager
+def _store_errors(url: str) -> Iterator[None]:
+    """A store failing mid-call becomes one SweeperError line instead of a traceback."""
+    try:
+        yield
+    except (OSError, StorageInternalError, SQLAlchemyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SweeperError(f"store {redact(url)} failed: {first.replace(url, redact(url))}") from None
+
+
+def make_sampler(spec: SweepSpec, worker_seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. Each worker gets its own seed, or parallel workers would propose the same point."""
+    seed = spec.seed if worker_seed is None else zlib.crc32(f"{spec.seed}:{worker_seed}".encode())
+    if spec.sampler == "tpe":
+        # constant_liar keeps parallel workers from piling onto the same region.
+        startup = max(3, min(10, spec.n_trials // 3))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler({n: p.grid_values() for n, p in spec.space.items()}, seed=seed)
+    return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    """Pruning steps are eval indices (1..budget.evals), the same token fractions for every batch size."""
+    if spec.pruner == "median":
+        # No pruning in the first quarter of the evals (at least the first): early losses rank trials poorly.
+        # Optuna prunes at step >= n_warmup_steps, and our steps count from 1.
+        return optuna.pruners.MedianPruner(n_startup_trials=min(4, spec.n_trials // 2),
+                                           n_warmup_steps=max(1, spec.budget.evals // 4) + 1)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.budget.evals, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
+    """The trial's params from the spec's space."""
+    params = {}
+    for name, p in spec.space.items():
+        if p.choices is not None:
+            params[name] = trial.suggest_categorical(name, p.choices)
+        elif TUNABLE[name] is int:
+            params[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
+        else:
+            params[name] = trial.suggest_float(name, p.low, p.high, log=p.log)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Enqueue: explicit points or the whole grid, never a point twice.
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    names = list(spec.space)
+    values = [spec.space[n].grid_values() for n in names]
+    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def parse_point(text: str, spec: SweepSpec) -> dict[str, Any]:
+    """'learning_rate=1e-4,batch_size=16' -> a point checked against the space."""
+    point: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or name not in spec.space:
+            raise UserError(f"bad point {text!r}: give name=value pairs for params in the space ({', '.join(spec.space)})")
+        try:
+            value = float(raw) if TUNABLE[name] is float else int(raw)
+        except ValueError:
+            raise UserError(f"bad point {text!r}: {name}={raw!r} is not a number") from None
+        p = spec.space[name]
+        ok = value in p.choices if p.choices is not None else p.low <= value <= p.high
+        if not ok:
+            allowed = p.choices if p.choices is not None else f"[{p.low}, {p.high}]"
+            raise UserError(f"bad point {text!r}: {name}={value} is outside the space ({allowed})")
+        point[name] = value
+    if not point:
+        raise UserError(f"bad point {text!r}: empty")
+    return point
+
+
+def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-9) for k in a)
+
+
+def enqueue(study: optuna.Study, url: str, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Enqueue the points not already waiting, running or finished; returns those enqueued.
+
+    The check and the enqueue happen under the store's lock, so concurrent calls never enqueue a
+    point twice (Optuna's own skip_if_exists can, by its documentation).
+    """
+    added = []
+    with store_lock(url), _store_errors(url):
+        present = [
+            t.system_attrs.get("fixed_params", t.params)
+            for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.FAIL
+        ]
+        for point in points:
+            if any(_same_point(point, p) for p in present):
+                continue
+            study.enqueue_trial(point)
+            present.append(point)
+            added.append(point)
+    return added

@@ -1,0 +1,190 @@
+"""The data plane on the CPU: a real 4-bit NF4 base + LoRA trial, checkpoints, resume, worker loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from runner import demo, run_worker
+from runner.train import NonFiniteLoss, SweepData, prepare_data, quiet_libraries, run_trial
+from sweeper.spec import SweepSpec, load_spec, spec_from_dict
+from sweeper.study import create_study, enqueue, load_study
+
+quiet_libraries()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo")
+    demo.prepare_demo(folder)
+    return folder
+
+
+def small_spec(demo_dir: Path, **budget) -> SweepSpec:
+    """The demo sweep on a budget of a dozen steps."""
+    table = load_spec(demo_dir / "sweep.toml").to_dict()
+    table["budget"] = {"train_tokens": 12_000, "evals": 4, "checkpoint_every": 5, **budget}
+    table["n_trials"] = 3
+    return spec_from_dict(table)
+
+
+@pytest.fixture(scope="session")
+def sweep_data(demo_dir) -> SweepData:
+    return prepare_data(small_spec(demo_dir))
+
+
+PARAMS = {"learning_rate": 1e-2, "batch_size": 8}
+
+
+def test_trial_trains_a_4bit_nf4_base_with_lora_and_writes_its_checkpoint(demo_dir, sweep_data, tmp_path):
+    import bitsandbytes as bnb
+
+    seen = {}
+
+    def report(k, loss):
+        seen[k] = loss
+        return False
+
+    result = run_trial(small_spec(demo_dir), PARAMS, tmp_path / "t0", sweep_data, report, log=lambda s: None)
+
+    assert list(seen) == [1, 2, 3, 4] and result.eval_losses == list(seen.values())
+    assert result.eval_loss == seen[4] < seen[1]  # it learns
+    assert result.steps == result.total_steps == len(sweep_data.train) // 8
+    assert (result.micro_batch, result.grad_accum, result.precision) == (8, 1, "fp32")
+    assert result.train_tokens == sum(sweep_data.train.real[: result.steps * 8]) and result.tokens_per_s > 0
+    checkpoint = Path(result.checkpoint)
+    assert checkpoint.name == f"step-{result.steps:06d}"
+    assert {p.name for p in checkpoint.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
+                                                      "training_state.pt", "trainer_state.json"}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["params"] == PARAMS
+    assert len(list((tmp_path / "t0").glob("step-*"))) == 2  # older checkpoints are pruned
+
+    # The QLoRA path itself, not a stand-in: the base linears are bitsandbytes 4-bit NF4.
+    from runner.train import load_model
+
+    model = load_model(small_spec(demo_dir), small_spec(demo_dir).trial_config(PARAMS), torch.device("cpu"), torch.float32)
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(base, bnb.nn.Linear4bit) and base.weight.quant_type == "nf4"
+
+
+def test_resumed_trial_ends_with_the_same_loss_as_an_uninterrupted_one(demo_dir, sweep_data, tmp_path):
+    spec = small_spec(demo_dir)
+    whole = run_trial(spec, PARAMS, tmp_path / "whole", sweep_data, log=lambda s: None)
+
+    class Preempted(Exception):
+        pass
+
+    def die_at_eval_2(k, loss):
+        if k == 2:
+            raise Preempted
+        return False
+
+    with pytest.raises(Preempted):
+        run_trial(spec, PARAMS, tmp_path / "cut", sweep_data, die_at_eval_2, log=lambda s: None)
+    assert [p.name for p in (tmp_path / "cut").glob("step-*")] == ["step-000005"]
+
+    resumed = run_trial(spec, PARAMS, tmp_path / "cut", sweep_data, log=lambda s: None)
+    assert resumed.resumed_from_step == 5
+    assert resumed.eval_losses == whole.eval_losses  # bit for bit on the CPU
+
+
+def test_checkpoint_of_other_params_is_not_resumed(demo_dir, sweep_data, tmp_path):
+    spec = small_spec(demo_dir, train_tokens=3_000)
+    run_trial(spec, PARAMS, tmp_path / "t", sweep_data, log=lambda s: None)
+    with pytest.raises(Exception, match="other params"):
+        run_trial(spec, {"learning_rate": 1e-3, "batch_size": 8}, tmp_path / "t", sweep_data, log=lambda s: None)
+
+
+def test_larger_effective_batch_takes_fewer_steps_on_the_same_tokens(demo_dir, sweep_data, tmp_path):
+    spec = small_spec(demo_dir)
+    r8 = run_trial(spec, PARAMS, tmp_path / "b8", sweep_data, log=lambda s: None)
+    r16 = run_trial(spec, {**PARAMS, "batch_size": 16}, tmp_path / "b16", sweep_data, log=lambda s: None)
+    assert r16.steps == r8.steps // 2
+    assert (r16.micro_batch, r16.grad_accum) == (8, 2)  # the CPU micro-batch cap, accumulated to 16
+    assert abs(r16.train_tokens - r8.train_tokens) <= 8 * 128
+
+
+def test_nan_loss_stops_the_trial_with_the_reason(demo_dir, sweep_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "tiny-llama")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(broken)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_dir / "tiny-llama" / name, broken / name)
+    table = small_spec(demo_dir).to_dict()
+    table["model"]["id"] = str(broken)
+    with pytest.raises(NonFiniteLoss, match="training loss became nan at step 1"):
+        run_trial(spec_from_dict(table), PARAMS, tmp_path / "t", sweep_data, log=lambda s: None)
+
+
+def write_sweep(demo_dir: Path, tmp_path: Path, n_trials: int = 3, **changes) -> Path:
+    text = (demo_dir / "sweep.toml").read_text()
+    text = text.replace("n_trials = 12", f"n_trials = {n_trials}").replace("train_tokens = 60_000", "train_tokens = 6_000")
+    for old, new in changes.items():
+        text = text.replace(old, new)
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    return path
+
+
+def test_worker_runs_enqueued_trials_first_and_writes_results_back(demo_dir, tmp_path):
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    spec = load_spec(write_sweep(demo_dir, tmp_path))
+    study, _ = create_study(spec, store)
+    enqueue(study, store, [{"learning_rate": 1e-3, "batch_size": 16}])
+
+    summary = run_worker(store, "demo", account="alice", checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
+
+    assert summary.trials == [0, 1, 2] and "budget of 3 trials is met" in summary.stop_reason
+    study, _ = load_study(store, "demo")
+    trials = study.get_trials()
+    assert trials[0].params == {"learning_rate": 1e-3, "batch_size": 16}
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    complete = next(t for t in trials if t.state == TrialState.COMPLETE)
+    worker, result = complete.user_attrs["worker"], complete.user_attrs["result"]
+    assert worker["account"] == "alice" and worker["platform"] == "local" and worker["gpu"] == "cpu"
+    assert result["eval_loss"] == complete.value
+    assert Path(result["checkpoint"]).is_dir() and str(tmp_path / "ck" / "demo") in result["checkpoint"]
+    assert {"torch", "transformers", "peft", "bitsandbytes", "optuna"} <= set(result["versions"])
+    assert complete.intermediate_values  # pruning saw every eval
+
+
+def test_worker_stops_at_max_trials(demo_dir, tmp_path):
+    store = f"journal:///{tmp_path / 's.log'}"
+    create_study(load_spec(write_sweep(demo_dir, tmp_path, n_trials=5)), store)
+    summary = run_worker(store, "demo", max_trials=1, checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
+    assert summary.trials == [0] and "max-trials" in summary.stop_reason
+
+
+def test_failing_trials_are_told_fail_with_the_reason_and_the_worker_gives_up_after_three(demo_dir, tmp_path):
+    from sweeper.errors import SweeperError
+
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    # The tokenizer is found (the data loads), the weights are not: every trial fails the same way.
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_dir / "tiny-llama" / name, model / name)
+    sweep = write_sweep(demo_dir, tmp_path, n_trials=5, **{str(demo_dir / "tiny-llama"): str(model)})
+    create_study(load_spec(sweep), store)
+    with pytest.raises(SweeperError, match="3 trials failed in a row"):
+        run_worker(store, "demo", checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
+    trials = optuna.load_study(study_name="demo", storage=store).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert "cannot load model" in trials[0].user_attrs["result"]["fail_reason"]
+
+
+def test_worker_does_not_start_a_trial_past_the_session_deadline(demo_dir, tmp_path):
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    create_study(load_spec(write_sweep(demo_dir, tmp_path)), store)
+    summary = run_worker(store, "demo", deadline_hours=0.01, checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
+    assert summary.trials == [] and "deadline" in summary.stop_reason
