@@ -65,4 +65,4 @@ def redact(url: str) -> str:
 
 
 # Registration happens on import; keep these last.
-from sweeper.storage import local, server  # noqa: E402,F401
+from sweeper.storage import local, gsheets, server  # noqa: E402,F401,I001  (the order `sweeper stores` lists)

@@ -1,0 +1,158 @@
+"""gspread's HTTP client with what production needs: our own timeouts, bounded retries, request counts.
+
+gspread's BackOffHTTPClient retries forever and ignores network errors, and requests has no default
+timeout (DESIGN.md). Here every request has a timeout; 429, 5xx and network errors are retried a bounded
+number of times with capped exponential backoff and jitter, honouring Retry-After; a write that may have
+been applied before it failed (an append that timed out or got a 5xx) is never retried blindly, the
+caller decides (MayHaveLanded).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
+
+import requests
+from google.auth.exceptions import RefreshError, TransportError
+from google.auth.transport.requests import AuthorizedSession
+from gspread.exceptions import APIError  # noqa: F401  (re-exported for gsheets.py, which imports this lazily)
+from gspread.http_client import HTTPClient
+
+from sweeper.errors import SweeperError, UserError
+from sweeper.storage.google_auth import GoogleCredentials, api_error_message, refused
+
+GOOGLE_ROOT = "https://sheets.googleapis.com"
+ENDPOINT_ENV = "SWEEPER_GSHEETS_ENDPOINT"
+
+
+@dataclass
+class SheetSettings:
+    """Timing knobs, each overridable by an environment variable SWEEPER_GSHEETS_<NAME> (seconds unless noted)."""
+
+    endpoint: str = ""
+    """API root used instead of https://sheets.googleapis.com (a local test server); empty = Google."""
+    timeout_s: float = 30.0
+    """Per request (connect and read)."""
+    attempts: int = 7
+    """Tries per request on 429/5xx/network errors; 1+2+4+...+32 s of backoff spans a quota minute."""
+    backoff_s: float = 1.0
+    backoff_cap_s: float = 32.0
+    sync_s: float = 10.0
+    """A reader serves the journal from its cache for this long before asking the sheet again."""
+    settle_s: float = 1.0
+    """How long a racing append may take to land; rows are replayed only once older than this (see gsheets.py)."""
+    views_s: float = 60.0
+    """A worker rewrites the `trials` view at most this often."""
+    heartbeat_s: float = 300.0
+    """A worker refreshes its `workers` row at least this often, when nothing else changed."""
+
+    @classmethod
+    def from_env(cls) -> SheetSettings:
+        settings = cls()
+        for f in fields(cls):
+            raw = os.environ.get(f"SWEEPER_GSHEETS_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            if f.name == "endpoint":
+                settings.endpoint = check_endpoint(raw)
+                continue
+            try:
+                value = int(raw) if f.type in ("int", int) else float(raw)
+            except ValueError:
+                raise UserError(f"SWEEPER_GSHEETS_{f.name.upper()} must be a number (got {raw!r})") from None
+            if value < 0 or (f.name == "attempts" and value < 1):
+                raise UserError(f"SWEEPER_GSHEETS_{f.name.upper()} must be positive (got {raw!r})")
+            setattr(settings, f.name, value)
+        return settings
+
+
+def check_endpoint(url: str) -> str:
+    """An endpoint override must be https, or http to this machine: the bearer token travels to it."""
+    parts = urlsplit(url.rstrip("/"))
+    local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if parts.scheme not in ("http", "https") or not parts.hostname or (parts.scheme == "http" and not local):
+        raise UserError(f"{ENDPOINT_ENV} must be an https:// URL or http:// to localhost (got {url!r})")
+    return url.rstrip("/")
+
+
+class MayHaveLanded(Exception):
+    """A write failed in a way that Google may still have applied it (timeout, dropped connection, 5xx)."""
+
+
+class SheetsUnavailable(SweeperError):
+    """Retries ran out: quota exhausted for too long, or Google unreachable."""
+
+
+class SheetsClient(HTTPClient):
+    """One spreadsheet's HTTP client: gspread's request methods over our bounded, timed, counted request()."""
+
+    def __init__(self, creds: GoogleCredentials, spreadsheet_id: str, settings: SheetSettings,
+                 counts: Counter[str] | None = None):
+        if settings.endpoint and hasattr(creds.credentials, "_is_regional_access_boundary_lookup_required"):
+            # google-auth looks up the account's "regional access boundary" at Google in the background after
+            # each token refresh; with the API served elsewhere that lookup only leaks the token: skip it.
+            creds.credentials._is_regional_access_boundary_lookup_required = lambda: False
+        session = AuthorizedSession(creds.credentials, refresh_timeout=settings.timeout_s)
+        super().__init__(auth=creds.credentials, session=session)
+        self.creds, self.spreadsheet_id, self.settings = creds, spreadsheet_id, settings
+        self.timeout = (min(10.0, settings.timeout_s), settings.timeout_s)
+        self.counts: Counter[str] = Counter() if counts is None else counts
+        """reads and writes (every attempt: each counts against the quota), retries, http_429, http_5xx, network."""
+
+    def request(self, method, endpoint, params=None, data=None, json=None, files=None, headers=None):
+        url = self.settings.endpoint + endpoint[len(GOOGLE_ROOT):] if self.settings.endpoint and \
+            endpoint.startswith(GOOGLE_ROOT) else endpoint
+        kind = "reads" if method.lower() == "get" else "writes"
+        not_idempotent = url.endswith(":append")  # a repeated append adds a second copy
+        last, delay = "", 0.0
+        for attempt in range(self.settings.attempts):
+            if attempt:
+                self.counts["retries"] += 1
+                time.sleep(delay)
+            self.counts[kind] += 1
+            try:
+                response = self.session.request(method, url, params=params, data=data, json=json, files=files,
+                                                headers=headers, timeout=self.timeout)
+            except RefreshError as e:
+                if not getattr(e, "retryable", False):  # refused, not merely unreachable
+                    raise refused(self.creds, e) from None
+                last, delay = "token endpoint unavailable", self._backoff(attempt)
+                continue
+            except (requests.RequestException, TransportError) as e:
+                self.counts["network"] += 1
+                last = f"{type(e).__name__}"
+                if not_idempotent:
+                    raise MayHaveLanded(last) from None
+                delay = self._backoff(attempt)
+                continue
+            if response.ok:
+                return response
+            status = response.status_code
+            if status == 429 or status >= 500:
+                self.counts["http_429" if status == 429 else "http_5xx"] += 1
+                last = f"HTTP {status}"
+                if status >= 500 and not_idempotent:
+                    raise MayHaveLanded(last)
+                delay = self._retry_after(response) or self._backoff(attempt)
+                continue
+            if status in (401, 403, 404):
+                message = APIError(response).error.get("message", "")
+                raise api_error_message(self.creds, self.spreadsheet_id, status, message)
+            raise APIError(response)
+        hint = " (per-minute quota: fewer workers per account, or one account per worker)" if last == "HTTP 429" else ""
+        raise SheetsUnavailable(f"Google Sheets failed after {self.settings.attempts} attempts "
+                                f"(last: {last}){hint}; try again later")
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.settings.backoff_cap_s, self.settings.backoff_s * 2 ** attempt)
+        return cap * (0.5 + random.random() / 2)
+
+    def _retry_after(self, response: requests.Response) -> float | None:
+        try:
+            return min(float(response.headers["Retry-After"]), self.settings.backoff_cap_s)
+        except (KeyError, ValueError):
+            return None
