@@ -39,23 +39,10 @@ study_option = click.option("--study", envvar="SWEEPER_STUDY", metavar="NAME",
                             help="Study name (env SWEEPER_STUDY); may be left out when the store holds one study.")
 
 
-def _study_name(store: str, name: str | None) -> str:
-    if name:
-        return name
-    import optuna
-
-    from sweeper.storage import open_storage
-
-    names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(store), include_best_trial=False)]
-    if len(names) == 1:
-        return names[0]
-    raise UserError("give --study: the store holds " + (f"studies {', '.join(names)}" if names else "no study"))
-
-
 def _open(store: str, study: str | None):
     from sweeper.study import load_study
 
-    return load_study(store, _study_name(store, study))
+    return load_study(store, study)  # picks the only study itself, reading the store once
 
 
 @click.group(cls=_Group)
@@ -149,7 +136,7 @@ def worker(store: str, study: str | None, max_trials: int | None, account: str |
     """Join a study: claim trials (enqueued first), fine-tune, write results back."""
     from runner import run_worker
 
-    summary = run_worker(store, _study_name(store, study), max_trials=max_trials, account=account,
+    summary = run_worker(store, study, max_trials=max_trials, account=account,
                          checkpoint_root=checkpoint_root, deadline_hours=deadline_hours, precision=precision,
                          log=lambda line: err.print(line))
     click.echo(json.dumps({"worker": summary.worker_id, "trials": summary.trials, "stop_reason": summary.stop_reason}))

@@ -332,7 +332,7 @@ def _check_param(p: ParamSpec) -> list[str]:
         return ["choices must not be empty"]
     problems = []
     for v in values:
-        if not _is_number(v) or (kind is int and v != int(v)):
+        if not _is_number(v) or (kind is int and not isinstance(v, int)):  # 16.0 would reach the runner as a float
             problems.append(f"{v!r} is not {'an integer' if kind is int else 'a number'}")
         elif v < 0 or (p.name in ("learning_rate", "batch_size", "lora_r", "lora_alpha") and v <= 0):
             problems.append(f"{v!r} must be positive")
