@@ -44,13 +44,13 @@ class Batchable:
 
 
 def load_records(data: DataSpec) -> list[dict[str, Any]]:
-    """The raw examples: a local JSONL file, or a Hugging Face dataset split."""
+    """The raw examples: a local JSONL file, or a Hugging Face dataset (hub name or local folder) split."""
     path = Path(data.source).expanduser()
-    if path.suffix == ".jsonl" or path.exists():
+    if path.suffix == ".jsonl":
         return _read_jsonl(path)
     import datasets
 
-    name, _, config = data.source.partition(":")
+    name, _, config = (str(path), "", "") if path.is_dir() else data.source.partition(":")
     try:
         return list(datasets.load_dataset(name, config or None, split=data.split))
     except Exception as e:  # hub, network and format errors all end the same way for the user

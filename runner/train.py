@@ -57,6 +57,7 @@ class TrialResult:
     micro_batch: int
     grad_accum: int
     precision: str
+    gradient_checkpointing: bool
     checkpoint: str
     resumed_from_step: int = 0
     versions: dict[str, str] = field(default_factory=dict)
@@ -165,34 +166,120 @@ def label_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != D.IGNORE).sum())
 
 
+# Architectures whose logits are exactly lm_head(last hidden state): no soft-capping or scaling.
+CHUNKED_LOSS_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+LOSS_CHUNK_TOKENS = 2048
+
+
 def forward_loss(model, batch: dict[str, torch.Tensor], device, dtype, n_items: int) -> torch.Tensor:
     """Sum of token losses / n_items, so micro-batches add up to the exact token mean of the step."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    causal_lm = model.get_base_model()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return model(**batch, num_items_in_batch=n_items).loss
+        if causal_lm.config.model_type not in CHUNKED_LOSS_MODELS:
+            return model(**batch, num_items_in_batch=n_items).loss
+        hidden = causal_lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+        return chunked_cross_entropy(hidden, batch["labels"], causal_lm.lm_head, n_items)
 
 
-def choose_micro_batch(model, tensors, batch_size: int, device, dtype) -> int:
-    """The largest power-of-two micro-batch (dividing the batch) whose forward and backward fit."""
+def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head, n_items: int) -> torch.Tensor:
+    """The causal-LM loss without ever holding all the logits.
+
+    Full fp32 logits and their gradient cost ~10 bytes x vocab per token (1.3 GB for 4 x 1024 tokens of a
+    32k vocab): more than the checkpointed activations. Here the head runs on chunks of the tokens that
+    carry a label, and each chunk's logits are recomputed in backward instead of kept.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != D.IGNORE
+    states, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(targets), LOSS_CHUNK_TOKENS):
+        chunk = slice(i, i + LOSS_CHUNK_TOKENS)
+        total = total + checkpoint(_summed_cross_entropy, head, states[chunk], targets[chunk], use_reentrant=False)
+    return total / n_items
+
+
+def _summed_cross_entropy(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(states).float(), targets, reduction="sum")
+
+
+def choose_micro_batch(model, tensors, batch_size: int, device, dtype, log: Callable[[str], None] = print) -> int:
+    """The fastest micro-batch (a power of two dividing the batch) that fits this GPU.
+
+    Finds the largest that fits without gradient checkpointing and the largest with it, times a step
+    of each, and keeps the faster per sequence: small micro-batches leave a fast GPU idle between
+    kernel launches, checkpointing costs a recompute. Leaves checkpointing on only if that won.
+    """
     candidates = [m for m in (2**i for i in range(12, -1, -1)) if m <= batch_size and batch_size % m == 0]
     if device.type != "cuda":
         return next(m for m in candidates if m <= CPU_MAX_MICRO_BATCH)
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    timed: list[tuple[float, int, bool]] = []  # (seconds per sequence, micro-batch, checkpointing)
     try:
-        for m in candidates:
-            batch = {k: v[:m] for k, v in tensors.items()}
-            try:
-                forward_loss(model, batch, device, dtype, max(1, label_count(batch["labels"]))).backward()
-                return m
-            except torch.cuda.OutOfMemoryError:
-                pass  # free the failed attempt's memory outside the except block
-            finally:
-                model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-        raise SweeperError(f"out of GPU memory even at micro-batch 1 (seq len {tensors['input_ids'].shape[1]})")
+        for checkpointing in ([True] if is_checkpointing(model) else [False, True]):
+            if checkpointing and not is_checkpointing(model):
+                enable_checkpointing(model)
+            fitting = next((m for m in candidates if _step_seconds(model, tensors, m, device, dtype)), None)
+            if fitting is not None:
+                timed.append((_step_seconds(model, tensors, fitting, device, dtype) / fitting, fitting, checkpointing))
+                if fitting == batch_size:
+                    break  # checkpointing could only be slower
+        if not timed:
+            raise SweeperError(f"out of GPU memory even at micro-batch 1 with gradient checkpointing "
+                               f"(seq len {tensors['input_ids'].shape[1]}): lower model.max_seq_len")
+        log("  micro-batch probe: " + ", ".join(f"{m} {'with' if c else 'without'} checkpointing {t * 1e3:.0f} ms/seq"
+                                               for t, m, c in timed))
+        _, micro, checkpointing = min(timed)
+        if not checkpointing and is_checkpointing(model):
+            model.get_base_model().gradient_checkpointing_disable()
+        return micro
     finally:
         torch.set_rng_state(rng[0])
         torch.cuda.set_rng_state_all(rng[1])
+
+
+def _step_seconds(model, tensors, m: int, device, dtype) -> float | None:
+    """Seconds for a forward and backward of m sequences, or None if they do not fit."""
+    batch = {k: v[:m] for k, v in tensors.items()}
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        forward_loss(model, batch, device, dtype, max(1, label_count(batch["labels"]))).backward()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    except torch.cuda.OutOfMemoryError:
+        return None  # returning drops the traceback and with it the failed attempt's tensors
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def is_checkpointing(model) -> bool:
+    base = model.get_base_model()
+    # transformers 5 renamed the property; 4.x (still on some notebook images) has only the old name.
+    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(base, name, False))
+
+
+def enable_checkpointing(model) -> None:
+    base = model.get_base_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+
+
+def accumulate(model, batch, micro: int, scaler, device, dtype, n_items: int) -> torch.Tensor | None:
+    """Forward and backward over a step's micro-batches; the summed loss, or None on CUDA OOM."""
+    step_loss = torch.zeros((), device=device)
+    try:
+        for i in range(0, len(batch["input_ids"]), micro):
+            loss = forward_loss(model, {k: v[i:i + micro] for k, v in batch.items()}, device, dtype, n_items)
+            scaler.scale(loss).backward()
+            step_loss += loss.detach().float()
+    except torch.cuda.OutOfMemoryError:
+        return None  # returning drops the traceback, so the caller can free the memory
+    return step_loss
 
 
 @torch.no_grad()
@@ -275,8 +362,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, params: dic
 
 def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_data: SweepData,
               report: Callable[[int, float], bool] | None = None, *, device: str | None = None,
-              precision: str | None = None, micro_batch: int | None = None,
-              log: Callable[[str], None] = print) -> TrialResult:
+              precision: str | None = None, log: Callable[[str], None] = print) -> TrialResult:
     """Train one trial to its token budget, evaluating `budget.evals` times; resume from trial_dir if it holds a checkpoint."""
     started = time.perf_counter()
     cfg = spec.trial_config(params)
@@ -296,15 +382,17 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
     eval_at = {max(1, round(total_steps * k / spec.budget.evals)): k for k in range(1, spec.budget.evals + 1)}
 
     trial_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0, "params": params, "train_loss": [], "eval_losses": [], "micro_batch": micro_batch,
+    state = {"step": 0, "params": params, "train_loss": [], "eval_losses": [], "micro_batch": None,
              "train_seconds": 0.0, "tokens": 0}
     checkpoint = latest_checkpoint(trial_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, params)
         log(f"resuming from {checkpoint} (step {state['step']}/{total_steps})")
     resumed_from = state["step"]
-    micro = state["micro_batch"] or choose_micro_batch(model, train, cfg.batch_size, dev, dtype)
-    state["micro_batch"] = micro
+    if state.get("gradient_checkpointing") and not is_checkpointing(model):
+        enable_checkpointing(model)  # the interrupted run needed it to fit
+    micro = state["micro_batch"] or choose_micro_batch(model, train, cfg.batch_size, dev, dtype, log)
+    state["micro_batch"], state["gradient_checkpointing"] = micro, is_checkpointing(model)
     pruned_at = None
 
     for step in range(state["step"], total_steps):
@@ -312,11 +400,20 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
         rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
         batch = {k: v[rows] for k, v in train.items()}
         n_items = max(1, label_count(batch["labels"]))
-        step_loss = torch.zeros((), device=dev)
-        for i in range(0, cfg.batch_size, micro):
-            loss = forward_loss(model, {k: v[i:i + micro] for k, v in batch.items()}, dev, dtype, n_items)
-            scaler.scale(loss).backward()
-            step_loss += loss.detach().float()
+        while (step_loss := accumulate(model, batch, micro, scaler, dev, dtype, n_items)) is None:
+            # Out of GPU memory mid-step: same effective batch, half the micro-batch, the step redone.
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if micro > 1:
+                micro //= 2
+            elif not is_checkpointing(model):
+                enable_checkpointing(model)
+            else:
+                raise SweeperError(f"out of GPU memory at micro-batch 1 with gradient checkpointing (step {step + 1}, "
+                                   f"seq len {spec.model.max_seq_len}): lower model.max_seq_len")
+            state["micro_batch"], state["gradient_checkpointing"] = micro, is_checkpointing(model)
+            log(f"  out of GPU memory: micro-batch {micro} x {math.ceil(cfg.batch_size / micro)}, "
+                f"gradient checkpointing {'on' if state['gradient_checkpointing'] else 'off'}")
         loss_value = float(step_loss)  # one device sync per step
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"training loss became {loss_value} at step {step + 1} ({_precision_name(dtype)})")
@@ -361,6 +458,7 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
         micro_batch=micro,
         grad_accum=math.ceil(cfg.batch_size / micro),
         precision=_precision_name(dtype),
+        gradient_checkpointing=is_checkpointing(model),
         checkpoint=str(checkpoint) if checkpoint else "",
         resumed_from_step=resumed_from,
         versions=library_versions(),

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from runner.platform import Platform, detect
 from sweeper.errors import SweeperError
 from sweeper.spec import SweepSpec
+from sweeper.storage.gsheets import JournalChanged, update_views
 from sweeper.study import load_study, suggest
 
 MAX_FAILURES_IN_A_ROW = 3
@@ -52,54 +53,75 @@ def _stop_reason(study, spec, platform: Platform, ran: int, max_trials: int | No
     return None
 
 
-def run_worker(store: str, study: str, *, max_trials: int | None = None, account: str | None = None,
+def run_worker(store: str, study: str | None = None, *, max_trials: int | None = None, account: str | None = None,
                checkpoint_root: str | None = None, deadline_hours: float | None = None,
                precision: str | None = None, log: Callable[[str], None] = print) -> WorkerSummary:
-    """Join a study and run trials until its budget is met, max_trials ran, or the session deadline nears."""
+    """Join a study (None: the store's only one) and run trials until its budget is met, max_trials ran,
+    or the session deadline nears."""
     from runner.train import prepare_data, quiet_libraries, result_attrs, run_trial
 
     quiet_libraries()
     platform = detect(account, checkpoint_root, deadline_hours)
     summary = WorkerSummary(f"{platform.account}/{uuid.uuid4().hex[:8]}")
     optuna_study, spec = load_study(store, study, worker_seed=zlib.crc32(summary.worker_id.encode()))
+    study = optuna_study.study_name
     log(f"worker {summary.worker_id} on {platform.name} ({platform.gpu_name}) joins study {study!r}")
     sweep_data = prepare_data(spec)
     log(f"data: {len(sweep_data.train)} train and {len(sweep_data.eval)} eval sequences of {spec.model.max_seq_len} tokens")
 
     failures_in_a_row = 0
+    gpu_seconds = 0.0
+
+    def views(trial_number: int | None) -> None:
+        """The sheet's people-facing views (a no-op on other stores); Optuna keeps the storage on the study."""
+        update_views(optuna_study._storage, optuna_study,
+                     {"worker": summary.worker_id, "account": platform.account, "platform": platform.name,
+                      "gpu": platform.gpu_name, "trial": trial_number, "gpu_hours": gpu_seconds / 3600})
+
     while (reason := _stop_reason(optuna_study, spec, platform, len(summary.trials), max_trials)) is None:
-        trial = optuna_study.ask()
-        params = suggest(trial, spec)
-        trial.set_user_attr("worker", {"id": summary.worker_id, "account": platform.account,
-                                       "platform": platform.name, "gpu": platform.gpu_name})
-        summary.trials.append(trial.number)
-        log(f"trial {trial.number}: {params}")
-
-        def report(k: int, loss: float, trial=trial) -> bool:
-            trial.report(loss, k)
-            return trial.should_prune()
-
-        trial_dir = platform.checkpoint_root / study / f"trial-{trial.number:04d}"
         try:
-            result = run_trial(spec, params, trial_dir, sweep_data, report, precision=precision, log=log)
-        except (SweeperError, RuntimeError, ValueError, OSError) as e:
-            reason_text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            trial.set_user_attr("result", {"fail_reason": reason_text})
-            optuna_study.tell(trial, state=TrialState.FAIL)
-            log(f"trial {trial.number} failed: {reason_text}")
-            failures_in_a_row += 1
-            if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                raise SweeperError(f"{failures_in_a_row} trials failed in a row; last: {reason_text}") from None
-            continue
-        failures_in_a_row = 0
-        trial.set_user_attr("result", result_attrs(result))
-        if result.pruned_at is not None:
-            optuna_study.tell(trial, state=TrialState.PRUNED)
-            log(f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})")
-        else:
-            optuna_study.tell(trial, result.eval_loss)
-            log(f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, "
-                f"{result.tokens_per_s:.0f} tok/s, {result.wall_time_s:.1f} s")
+            trial = optuna_study.ask()
+            params = suggest(trial, spec)
+            trial.set_user_attr("worker", {"id": summary.worker_id, "account": platform.account,
+                                           "platform": platform.name, "gpu": platform.gpu_name})
+            summary.trials.append(trial.number)
+            log(f"trial {trial.number}: {params}")
+            views(trial.number)
+
+            def report(k: int, loss: float, trial=trial) -> bool:
+                trial.report(loss, k)
+                views(trial.number)
+                return trial.should_prune()
+
+            trial_dir = platform.checkpoint_root / study / f"trial-{trial.number:04d}"
+            try:
+                result = run_trial(spec, params, trial_dir, sweep_data, report, precision=precision, log=log)
+            except JournalChanged:
+                raise
+            except (SweeperError, RuntimeError, ValueError, OSError) as e:
+                reason_text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                trial.set_user_attr("result", {"fail_reason": reason_text})
+                optuna_study.tell(trial, state=TrialState.FAIL)
+                log(f"trial {trial.number} failed: {reason_text}")
+                failures_in_a_row += 1
+                if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    raise SweeperError(f"{failures_in_a_row} trials failed in a row; last: {reason_text}") from None
+                continue
+            failures_in_a_row = 0
+            gpu_seconds += result.wall_time_s
+            trial.set_user_attr("result", result_attrs(result))
+            if result.pruned_at is not None:
+                optuna_study.tell(trial, state=TrialState.PRUNED)
+                log(f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})")
+            else:
+                optuna_study.tell(trial, result.eval_loss)
+                log(f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, "
+                    f"{result.tokens_per_s:.0f} tok/s, {result.wall_time_s:.1f} s")
+            views(None)
+        except JournalChanged as e:
+            # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now.
+            log(f"{e}; reloading the study")
+            optuna_study, spec = load_study(store, study, worker_seed=zlib.crc32(summary.worker_id.encode()))
     summary.stop_reason = reason
     log(f"worker {summary.worker_id} stops: {reason}")
     return summary

@@ -101,3 +101,13 @@ def test_record_without_the_text_field_is_a_user_error(tiny):
 def test_too_few_examples_for_the_eval_split_is_a_user_error():
     with pytest.raises(UserError, match="not more than data.eval_examples=5"):
         D.split_eval([D.Doc([1], [1])] * 5, 5, seed=0)
+
+
+def test_a_hugging_face_dataset_folder_loads_through_datasets(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.json").write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(3)))
+    records = D.load_records(DataSpec(source=str(folder), split="train"))
+    assert [r["text"] for r in records] == ["row 0", "row 1", "row 2"]
+    with pytest.raises(UserError, match="cannot load dataset .* split 'validation'"):
+        D.load_records(DataSpec(source=str(folder), split="validation"))

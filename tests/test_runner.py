@@ -188,3 +188,26 @@ def test_worker_does_not_start_a_trial_past_the_session_deadline(demo_dir, tmp_p
     create_study(load_spec(write_sweep(demo_dir, tmp_path)), store)
     summary = run_worker(store, "demo", deadline_hours=0.01, checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
     assert summary.trials == [] and "deadline" in summary.stop_reason
+
+
+def test_chunked_loss_equals_the_models_own_loss_and_gradients(demo_dir, sweep_data, monkeypatch):
+    from runner import train
+
+    spec = small_spec(demo_dir)
+    model = train.load_model(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32)
+    batch = {k: v[:4] for k, v in train.to_tensors(sweep_data.train).items()}
+    n_items = train.label_count(batch["labels"])
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = train.forward_loss(model, batch, torch.device("cpu"), torch.float32, n_items)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    monkeypatch.setattr(train, "LOSS_CHUNK_TOKENS", 100)  # several chunks, one of them ragged
+    chunked, chunked_grads = loss_and_grads()
+    monkeypatch.setattr(train, "CHUNKED_LOSS_MODELS", set())
+    plain, plain_grads = loss_and_grads()
+    torch.testing.assert_close(chunked, plain)
+    for a, b in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
