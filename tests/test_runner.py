@@ -211,3 +211,12 @@ def test_chunked_loss_equals_the_models_own_loss_and_gradients(demo_dir, sweep_d
     torch.testing.assert_close(chunked, plain)
     for a, b in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_bitsandbytes_8bit_optimizers_train(demo_dir, sweep_data, tmp_path, optimizer):
+    table = small_spec(demo_dir, train_tokens=3_000, evals=1).to_dict()
+    table["train"]["optimizer"] = optimizer
+    spec = spec_from_dict(table)
+    result = run_trial(spec, PARAMS, tmp_path / "t", prepare_data(spec), log=lambda s: None)
+    assert result.steps == result.total_steps and 0 < result.eval_loss < 6.5
