@@ -11,6 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from sweeper.errors import SweeperError
+
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
 THINGS = ["apples", "books", "coins", "drums", "eggs", "flags", "gems", "hats", "keys", "lamps"]
 PLACES = ["kitchen", "garden", "library", "market", "harbor", "studio", "tower", "cellar"]
@@ -102,10 +104,13 @@ def build_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
 
 def prepare_demo(folder: Path, n_trials: int = 12) -> Path:
     """Model, data and sweep file under `folder`; returns the sweep file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = write_dataset(folder / "data.jsonl")
-    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
-    model = build_tiny_model(folder / "tiny-llama", texts)
-    sweep = folder / "sweep.toml"
-    sweep.write_text(SPEC.format(n_trials=n_trials, model=model.resolve(), data=data.resolve()))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = write_dataset(folder / "data.jsonl")
+        texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+        model = build_tiny_model(folder / "tiny-llama", texts)
+        sweep = folder / "sweep.toml"
+        sweep.write_text(SPEC.format(n_trials=n_trials, model=model.resolve(), data=data.resolve()))
+    except OSError as e:  # an unwritable folder, a full disk
+        raise SweeperError(f"cannot write the demo into {folder}: {e.strerror or e}") from None
     return sweep

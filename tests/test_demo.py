@@ -52,3 +52,10 @@ def test_worker_on_an_unknown_study_is_one_line_and_exit_2(tmp_path):
     done = sweeper("worker", "--store", f"sqlite:///{tmp_path / 'x.db'}", "--study", "nope", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["Error: no study 'nope' in the store; the store holds no study yet (run sweeper init)"]
+
+
+def test_demo_into_an_unwritable_folder_is_one_line_and_exit_1(tmp_path):
+    done = sweeper("demo", "--dir", "/proc/sweeper-demo", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: cannot write the demo into /proc/sweeper-demo")
+    assert "Traceback" not in done.stderr
