@@ -44,9 +44,9 @@ class Batchable:
 
 
 def load_records(data: DataSpec) -> list[dict[str, Any]]:
-    """The raw examples: a local JSONL file, or a Hugging Face dataset (hub name or local folder) split."""
+    """The raw examples: a local JSONL file (any name), or a Hugging Face dataset (hub name or local folder) split."""
     path = Path(data.source).expanduser()
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or path.is_file():
         return _read_jsonl(path)
     import datasets
 

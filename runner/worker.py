@@ -53,6 +53,11 @@ def _stop_reason(study, spec, platform: Platform, ran: int, max_trials: int | No
     return None
 
 
+def _tell_failed(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    trial.set_user_attr("result", {"fail_reason": reason})
+    study.tell(trial, state=TrialState.FAIL)
+
+
 def run_worker(store: str, study: str | None = None, *, max_trials: int | None = None, account: str | None = None,
                checkpoint_root: str | None = None, deadline_hours: float | None = None,
                precision: str | None = None, log: Callable[[str], None] = print) -> WorkerSummary:
@@ -78,8 +83,11 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                      {"worker": summary.worker_id, "account": platform.account, "platform": platform.name,
                       "gpu": platform.gpu_name, "trial": trial_number, "gpu_hours": gpu_seconds / 3600})
 
-    while (reason := _stop_reason(optuna_study, spec, platform, len(summary.trials), max_trials)) is None:
+    trial = None
+    while True:
         try:
+            if (reason := _stop_reason(optuna_study, spec, platform, len(summary.trials), max_trials)) is not None:
+                break
             trial = optuna_study.ask()
             params = suggest(trial, spec)
             trial.set_user_attr("worker", {"id": summary.worker_id, "account": platform.account,
@@ -100,8 +108,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 raise
             except (SweeperError, RuntimeError, ValueError, OSError) as e:
                 reason_text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                trial.set_user_attr("result", {"fail_reason": reason_text})
-                optuna_study.tell(trial, state=TrialState.FAIL)
+                _tell_failed(optuna_study, trial, reason_text)
                 log(f"trial {trial.number} failed: {reason_text}")
                 failures_in_a_row += 1
                 if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
@@ -117,11 +124,18 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 optuna_study.tell(trial, result.eval_loss)
                 log(f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, "
                     f"{result.tokens_per_s:.0f} tok/s, {result.wall_time_s:.1f} s")
+            trial = None
             views(None)
         except JournalChanged as e:
-            # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now.
+            # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now,
+            # and fail the trial we held, so it does not sit RUNNING against the budget.
             log(f"{e}; reloading the study")
             optuna_study, spec = load_study(store, study, worker_seed=zlib.crc32(summary.worker_id.encode()))
+            if trial is not None:
+                held = optuna.trial.Trial(optuna_study, trial._trial_id)  # the same trial, on the reloaded store
+                if optuna_study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                    _tell_failed(optuna_study, held, f"JournalChanged: {e}")
+            trial = None
     summary.stop_reason = reason
     log(f"worker {summary.worker_id} stops: {reason}")
     return summary

@@ -111,3 +111,9 @@ def test_a_hugging_face_dataset_folder_loads_through_datasets(tmp_path):
     assert [r["text"] for r in records] == ["row 0", "row 1", "row 2"]
     with pytest.raises(UserError, match="cannot load dataset .* split 'validation'"):
         D.load_records(DataSpec(source=str(folder), split="validation"))
+
+
+def test_a_local_jsonl_file_of_any_name_is_read_as_jsonl(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert [r["text"] for r in D.load_records(DataSpec(source=str(path)))] == ["a", "b"]

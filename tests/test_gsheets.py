@@ -375,6 +375,9 @@ def test_colab_login_is_used_when_on_colab(monkeypatch):
     ('{"type": "authorized_user"}', "not a service-account key"),
     ("{not json", "does not parse"),
     ("/no/such/key.json", "neither service-account JSON nor an existing file"),
+    # A quoted or base64 key is no file name (too long for one) and is never shown.
+    ("'" + "garbage" * 60 + "'", r"neither service-account JSON nor an existing file: \(value not shown\)"),
+    ("ya29.garbage-token", r"\(value not shown\)"),
 ])
 def test_unusable_credentials_are_a_user_error_that_never_echoes_the_key(text, says, monkeypatch):
     monkeypatch.setenv(CREDENTIALS_ENV, text)

@@ -220,3 +220,13 @@ def test_bitsandbytes_8bit_optimizers_train(demo_dir, sweep_data, tmp_path, opti
     spec = spec_from_dict(table)
     result = run_trial(spec, PARAMS, tmp_path / "t", prepare_data(spec), log=lambda s: None)
     assert result.steps == result.total_steps and 0 < result.eval_loss < 6.5
+
+
+def test_a_micro_batch_without_labels_backpropagates_a_zero_loss():
+    from runner.train import chunked_cross_entropy
+
+    hidden = torch.randn(1, 5, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    loss = chunked_cross_entropy(hidden, torch.full((1, 5), -100), head, n_items=1)
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad is not None and not hidden.grad.any()

@@ -67,8 +67,10 @@ def service_account(text_or_path: str, source: str) -> GoogleCredentials:
     text = text_or_path
     if not text_or_path.lstrip().startswith("{"):
         path = Path(text_or_path).expanduser()
-        shown = str(path) if len(text_or_path) < 300 and "PRIVATE" not in text_or_path else "(value not shown)"
-        if not path.is_file():
+        # Shown only when it looks like a path: a pasted key, token or base64 blob never reaches a message.
+        looks_like_path = ("/" in text_or_path or text_or_path.endswith(".json")) and len(text_or_path) < 300
+        shown = str(path) if looks_like_path and "PRIVATE" not in text_or_path else "(value not shown)"
+        if not os.path.isfile(path):  # unlike Path.is_file, never raises (a value too long for a file name)
             raise UserError(f"{source} is neither service-account JSON nor an existing file: {shown}")
         try:
             text = path.read_text()

@@ -154,8 +154,11 @@ class SheetJournalBackend(BaseJournalBackend):
             own.attempts += 1
             if own.attempts > MAX_APPENDS:
                 del self._own[op_id]  # given up on; should a copy still land, it is replayed like any other op
-                raise SweeperError(f"could not get an op into the journal of spreadsheet {self.spreadsheet_id!r} "
-                                   f"after {MAX_APPENDS} appends; Google Sheets is failing, try again later")
+                # An op already replayed ahead may now be missing from the sheet: this view can no longer be trusted.
+                self._broken = SweeperError(
+                    f"could not get an op into the journal of spreadsheet {self.spreadsheet_id!r} after "
+                    f"{MAX_APPENDS} appends; Google Sheets is failing, try again later")
+                raise self._broken
         rows = [row for op_id in ids for row in self._own[op_id].rows]
         answered = True
         try:
@@ -359,7 +362,7 @@ class SheetJournalBackend(BaseJournalBackend):
 
     def _api_error(self, e: Exception) -> SweeperError:
         return SweeperError(f"Google Sheets refused a request to spreadsheet {self.spreadsheet_id!r} "
-                            f"(HTTP {e.code}): {str(e.error.get('message', '')).splitlines()[0][:300]}")
+                            f"(HTTP {e.code}): {(str(e.error.get('message', '')).splitlines() or [''])[0][:300]}")
 
     def _bad_row(self, sheet_row: int, why: str) -> SweeperError:
         self._broken = SweeperError(

@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 from gspread.exceptions import APIError
 
+from sweeper.errors import SweeperError
 from sweeper.storage.sheets_api import MayHaveLanded, SheetsClient, SheetsUnavailable
 
 TRIALS, WORKERS = "trials", "workers"
@@ -32,7 +33,7 @@ def update_views(storage: Any, study: optuna.Study, worker_info: Mapping[str, An
     worker_info: worker (id), account, platform, gpu, trial (number running, or None), gpu_hours.
     Returns the number of requests made (0 when nothing was due).
     """
-    from sweeper.storage.gsheets import backend_of
+    from sweeper.storage.gsheets import JournalChanged, backend_of
 
     backend = backend_of(storage)
     if backend is None:
@@ -42,7 +43,10 @@ def update_views(storage: Any, study: optuna.Study, worker_info: Mapping[str, An
             backend.views = SheetViews(backend)
         try:
             return backend.views.update(study, worker_info)
-        except (MayHaveLanded, SheetsUnavailable):  # a view can wait for the next update; the journal cannot
+        except (MayHaveLanded, SheetsUnavailable, SweeperError, APIError) as e:
+            # A view can wait for the next update (a protected tab, an outage); the journal cannot.
+            if isinstance(e, JournalChanged):
+                raise
             backend.stats["views_failed"] += 1
             return 0
 
