@@ -152,3 +152,12 @@ def test_missing_redis_client_or_server_error_never_contains_the_password():
     with pytest.raises(Exception) as caught:  # UserError without the client; the client's own error without a server
         open_storage("redis://:secret@127.0.0.1:1/0").get_all_studies()
     assert "secret" not in str(caught.value)
+
+
+def test_a_malformed_url_without_a_scheme_never_echoes_its_password():
+    from sweeper.errors import UserError
+    from sweeper.storage import open_storage
+
+    with pytest.raises(UserError, match="malformed store URL") as caught:
+        open_storage("user:secret@db.example/sweeps")
+    assert "secret" not in str(caught.value) and "user:***@db.example" in str(caught.value)

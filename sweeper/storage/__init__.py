@@ -61,7 +61,9 @@ def store_lock(url: str) -> ContextManager[None]:
 
 def redact(url: str) -> str:
     """The URL with any password replaced, safe to print."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")  # user may be empty: redis://:pw@host
+    url = url or ""
+    # user may be empty (redis://:pw@host); a malformed URL may lack its scheme (user:pw@host)
+    return re.sub(r"(://[^:/@]*:)[^@]*@" if "://" in url else r"^([^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 # Registration happens on import; keep these last.
