@@ -68,7 +68,8 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
     quiet_libraries()
     platform = detect(account, checkpoint_root, deadline_hours)
     summary = WorkerSummary(f"{platform.account}/{uuid.uuid4().hex[:8]}")
-    optuna_study, spec = load_study(store, study, worker_seed=zlib.crc32(summary.worker_id.encode()))
+    worker_seed = zlib.crc32(summary.worker_id.encode())
+    optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
     study = optuna_study.study_name
     log(f"worker {summary.worker_id} on {platform.name} ({platform.gpu_name}) joins study {study!r}")
     sweep_data = prepare_data(spec)
@@ -130,7 +131,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
             # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now,
             # and fail the trial we held, so it does not sit RUNNING against the budget.
             log(f"{e}; reloading the study")
-            optuna_study, spec = load_study(store, study, worker_seed=zlib.crc32(summary.worker_id.encode()))
+            optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
             if trial is not None:
                 held = optuna.trial.Trial(optuna_study, trial._trial_id)  # the same trial, on the reloaded store
                 if optuna_study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:

@@ -463,11 +463,12 @@ def update_views(storage: Any, study: Any, worker_info: dict[str, Any]) -> int:
     worker_info: worker (id), account, platform, gpu, trial (number running, or None), gpu_hours.
     Returns the number of requests made: 0 when nothing was due, or for a store that is not a sheet.
     """
-    if backend_of(storage) is None:
+    backend = backend_of(storage)
+    if backend is None:
         return 0
-    from sweeper.storage.gsheets_views import update_views as update
+    from sweeper.storage.gsheets_views import update_backend_views
 
-    return update(storage, study, worker_info)
+    return update_backend_views(backend, study, worker_info)
 
 
 register(Backend("gsheets", "gsheets://SPREADSHEET_ID", "many workers, many accounts, Colab and Kaggle",

@@ -27,17 +27,13 @@ WORKER_KEYS = ["worker", "account", "platform", "gpu", "trial", None, "gpu_hours
 TRIAL_COLUMNS_AFTER_PARAMS = ["value", "account", "GPU", "wall s"]
 
 
-def update_views(storage: Any, study: optuna.Study, worker_info: Mapping[str, Any]) -> int:
-    """Refresh this worker's row in `workers` and, when due, the `trials` table; a no-op for other stores.
+def update_backend_views(backend, study: optuna.Study, worker_info: Mapping[str, Any]) -> int:
+    """Refresh this worker's row in `workers` and, when due, the `trials` table of a sheet store.
 
-    worker_info: worker (id), account, platform, gpu, trial (number running, or None), gpu_hours.
-    Returns the number of requests made (0 when nothing was due).
+    Called through gsheets.update_views, which finds the backend. Returns the number of requests made.
     """
-    from sweeper.storage.gsheets import JournalChanged, backend_of
+    from sweeper.storage.gsheets import JournalChanged
 
-    backend = backend_of(storage)
-    if backend is None:
-        return 0
     with backend._lock:
         if backend.views is None:
             backend.views = SheetViews(backend)
