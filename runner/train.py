@@ -360,10 +360,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, params: dic
 # The trial
 
 
+class Preempted(Exception):
+    """The trial stopped early on request (session deadline, SIGTERM, Ctrl-C), after writing a checkpoint."""
+
+    def __init__(self, reason: str, checkpoint: Path):
+        super().__init__(reason)
+        self.reason, self.checkpoint = reason, checkpoint
+
+
 def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_data: SweepData,
               report: Callable[[int, float], bool] | None = None, *, device: str | None = None,
-              precision: str | None = None, log: Callable[[str], None] = print) -> TrialResult:
-    """Train one trial to its token budget, evaluating `budget.evals` times; resume from trial_dir if it holds a checkpoint."""
+              precision: str | None = None, log: Callable[[str], None] = print,
+              stop: Callable[[], str | None] | None = None) -> TrialResult:
+    """Train one trial to its token budget, evaluating `budget.evals` times; resume from trial_dir if it holds a
+    checkpoint. `stop` is asked after every step: a reason makes it checkpoint and raise Preempted."""
     started = time.perf_counter()
     cfg = spec.trial_config(params)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -440,8 +450,11 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
             if report is not None and report(k, eval_loss):
                 pruned_at = k
                 break
-        if state["step"] % spec.budget.checkpoint_every == 0 or state["step"] == total_steps:
+        saved = state["step"] % spec.budget.checkpoint_every == 0 or state["step"] == total_steps
+        if saved:
             checkpoint = save_checkpoint(trial_dir, model, optimizer, scheduler, scaler, state)
+        if stop is not None and state["step"] < total_steps and (why := stop()) is not None:
+            raise Preempted(why, checkpoint if saved else save_checkpoint(trial_dir, model, optimizer, scheduler, scaler, state))
 
     tokens_per_s = state["tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0
     return TrialResult(

@@ -1,19 +1,30 @@
-"""The worker loop: claim the next trial (enqueued first) -> train -> tell, until the sweep or session ends."""
+"""The worker loop: take over stale trials, claim the next trial (enqueued first) -> train -> tell, until the
+sweep or the session ends. A running trial keeps a lease (sweeper/leases.py); leaving mid-trial (deadline,
+SIGTERM, Ctrl-C) checkpoints and hands the trial over to be resumed."""
 
 from __future__ import annotations
 
+import shutil
+import signal
 import statistics
+import threading
+import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from runner.platform import Platform, detect
 from sweeper.errors import SweeperError
+from sweeper.leases import RESUME_FROM, Heartbeat, Watcher, hand_over, take_over_stale
 from sweeper.spec import SweepSpec
+from sweeper.storage.drive import DriveStorage, drop_lost_claim, shard_name
 from sweeper.storage.gsheets import JournalChanged, update_views
 from sweeper.study import load_study, suggest
 
@@ -21,17 +32,16 @@ MAX_FAILURES_IN_A_ROW = 3
 DEADLINE_MARGIN_S = 300  # leave this much of the session for checkpointing and telling
 
 
+class ClaimLost(Exception):
+    """Another worker's claim on this trial's enqueued point wins (drive store)."""
+
+
 @dataclass
 class WorkerSummary:
     worker_id: str
     trials: list[int] = field(default_factory=list)
     stop_reason: str = ""
-
-
-def budget_reached(study: optuna.Study, spec: SweepSpec) -> bool:
-    """Finished (complete or pruned) plus running trials reach n_trials; failed ones do not count."""
-    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return len(study.get_trials(deepcopy=False, states=counted)) >= spec.n_trials
+    took_over: int = 0
 
 
 def estimated_trial_seconds(study: optuna.Study, gpu: str) -> float | None:
@@ -42,8 +52,17 @@ def estimated_trial_seconds(study: optuna.Study, gpu: str) -> float | None:
     return statistics.median(times) if times else None
 
 
-def _stop_reason(study, spec, platform: Platform, ran: int, max_trials: int | None) -> str | None:
-    if budget_reached(study, spec):
+def _budget(study: optuna.Study, spec: SweepSpec) -> tuple[int, int]:
+    """(finished: complete or pruned, running) trials; failed ones do not count."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return len(trials) - running, running
+
+
+def _stop_reason(study, spec, platform: Platform, ran: int, max_trials: int | None, stop: StopRequest) -> str | None:
+    if stop.reason is not None:
+        return stop.reason
+    if _budget(study, spec)[0] >= spec.n_trials:
         return f"the study's budget of {spec.n_trials} trials is met"
     if max_trials is not None and ran >= max_trials:
         return f"ran --max-trials {max_trials}"
@@ -53,17 +72,62 @@ def _stop_reason(study, spec, platform: Platform, ran: int, max_trials: int | No
     return None
 
 
+class StopRequest:
+    """Why this worker must leave mid-trial: SIGTERM, Ctrl-C (a second one interrupts at once), or the deadline."""
+
+    def __init__(self, platform: Platform):
+        self.platform = platform
+        self.reason: str | None = None
+
+    def __call__(self) -> str | None:
+        if self.reason is None and self.platform.seconds_left() < DEADLINE_MARGIN_S:
+            self.reason = f"the session deadline is {max(self.platform.seconds_left(), 0) / 60:.0f} min away"
+        return self.reason
+
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # only the main thread may set handlers; a worker in a thread leaves at the deadline only
+            return
+
+        def on_signal(signum, frame):
+            if signum == signal.SIGINT and self.reason is not None:
+                raise KeyboardInterrupt
+            self.reason = f"{signal.Signals(signum).name} received"
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 def _tell_failed(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     trial.set_user_attr("result", {"fail_reason": reason})
     study.tell(trial, state=TrialState.FAIL)
+
+
+def _resume_into(trial_dir: Path, resume_from: str, log: Callable[[str], None]) -> None:
+    """Copy the checkpoints of the trial this one continues into its folder, for the trainer to resume from."""
+    source = Path(resume_from)
+    if not source.is_dir():
+        log(f"checkpoint folder {resume_from} is not reachable from this worker (is the checkpoint root shared?); "
+            "starting from step 0")
+        return
+    if source.name.startswith("step-"):  # one checkpoint (a finished trial's result names its last)
+        shutil.copytree(source, trial_dir / source.name, dirs_exist_ok=True)
+    elif source.resolve() != trial_dir.resolve():  # a trial's folder: its latest checkpoints
+        shutil.copytree(source, trial_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+    log(f"resuming from the checkpoints in {resume_from}")
 
 
 def run_worker(store: str, study: str | None = None, *, max_trials: int | None = None, account: str | None = None,
                checkpoint_root: str | None = None, deadline_hours: float | None = None,
                precision: str | None = None, log: Callable[[str], None] = print) -> WorkerSummary:
     """Join a study (None: the store's only one) and run trials until its budget is met, max_trials ran,
-    or the session deadline nears."""
-    from runner.train import prepare_data, quiet_libraries, result_attrs, run_trial
+    or the session ends (deadline, SIGTERM, Ctrl-C: the running trial is checkpointed and handed over)."""
+    from runner.train import Preempted, prepare_data, quiet_libraries, result_attrs, run_trial
 
     quiet_libraries()
     platform = detect(account, checkpoint_root, deadline_hours)
@@ -71,12 +135,18 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
     worker_seed = zlib.crc32(summary.worker_id.encode())
     optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
     study = optuna_study.study_name
+    if isinstance(optuna_study._storage, DriveStorage):
+        optuna_study._storage.shard_id = shard_name(summary.worker_id)  # our shard is named after us
     log(f"worker {summary.worker_id} on {platform.name} ({platform.gpu_name}) joins study {study!r}")
     sweep_data = prepare_data(spec)
     log(f"data: {len(sweep_data.train)} train and {len(sweep_data.eval)} eval sequences of {spec.model.max_seq_len} tokens")
 
     failures_in_a_row = 0
     gpu_seconds = 0.0
+    watcher = Watcher(spec.heartbeat_s)
+    stop = StopRequest(platform)
+    lease = {"worker": summary.worker_id, "account": platform.account, "platform": platform.name}
+    waiting_logged = False
 
     def views(trial_number: int | None) -> None:
         """The sheet's people-facing views (a no-op on other stores); Optuna keeps the storage on the study."""
@@ -85,58 +155,93 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                       "gpu": platform.gpu_name, "trial": trial_number, "gpu_hours": gpu_seconds / 3600})
 
     trial = None
-    while True:
-        try:
-            if (reason := _stop_reason(optuna_study, spec, platform, len(summary.trials), max_trials)) is not None:
-                break
-            trial = optuna_study.ask()
-            params = suggest(trial, spec)
-            trial.set_user_attr("worker", {"id": summary.worker_id, "account": platform.account,
-                                           "platform": platform.name, "gpu": platform.gpu_name})
-            summary.trials.append(trial.number)
-            log(f"trial {trial.number}: {params}")
-            views(trial.number)
-
-            def report(k: int, loss: float, trial=trial) -> bool:
-                trial.report(loss, k)
-                views(trial.number)
-                return trial.should_prune()
-
-            trial_dir = platform.checkpoint_root / study / f"trial-{trial.number:04d}"
+    with stop.signals():
+        while True:
             try:
-                result = run_trial(spec, params, trial_dir, sweep_data, report, precision=precision, log=log)
-            except JournalChanged:
-                raise
-            except (SweeperError, RuntimeError, ValueError, OSError) as e:
-                reason_text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                _tell_failed(optuna_study, trial, reason_text)
-                log(f"trial {trial.number} failed: {reason_text}")
-                failures_in_a_row += 1
-                if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                    raise SweeperError(f"{failures_in_a_row} trials failed in a row; last: {reason_text}") from None
-                continue
-            failures_in_a_row = 0
-            gpu_seconds += result.wall_time_s
-            trial.set_user_attr("result", result_attrs(result))
-            if result.pruned_at is not None:
-                optuna_study.tell(trial, state=TrialState.PRUNED)
-                log(f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})")
-            else:
-                optuna_study.tell(trial, result.eval_loss)
-                log(f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, "
-                    f"{result.tokens_per_s:.0f} tok/s, {result.wall_time_s:.1f} s")
-            trial = None
-            views(None)
-        except JournalChanged as e:
-            # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now,
-            # and fail the trial we held, so it does not sit RUNNING against the budget.
-            log(f"{e}; reloading the study")
-            optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
-            if trial is not None:
-                held = optuna.trial.Trial(optuna_study, trial._trial_id)  # the same trial, on the reloaded store
-                if optuna_study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                    _tell_failed(optuna_study, held, f"JournalChanged: {e}")
-            trial = None
+                summary.took_over += take_over_stale(optuna_study, watcher, log)
+                if (reason := _stop_reason(optuna_study, spec, platform, len(summary.trials), max_trials, stop)) is not None:
+                    break
+                finished, running = _budget(optuna_study, spec)
+                if finished + running >= spec.n_trials:  # the rest is running elsewhere: watch it finish or go stale
+                    if not waiting_logged:
+                        log(f"waiting: {running} trials of other workers are running to finish the budget")
+                        waiting_logged = True
+                    time.sleep(min(spec.heartbeat_s, 30))
+                    continue
+                waiting_logged = False
+                trial = optuna_study.ask()
+                params = suggest(trial, spec)
+                trial.set_user_attr("worker", {"id": summary.worker_id, "account": platform.account,
+                                               "platform": platform.name, "gpu": platform.gpu_name})
+                summary.trials.append(trial.number)
+                log(f"trial {trial.number}: {params}")
+                views(trial.number)
+
+                def report(k: int, loss: float, trial=trial) -> bool:
+                    if (lost := drop_lost_claim(optuna_study._storage, trial._trial_id)) is not None:
+                        raise ClaimLost(lost)
+                    trial.report(loss, k)
+                    views(trial.number)
+                    return trial.should_prune()
+
+                trial_dir = platform.checkpoint_root / study / f"trial-{trial.number:04d}"
+                if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
+                    _resume_into(trial_dir, resume_from, log)
+                heartbeat = Heartbeat(optuna_study._storage, trial._trial_id, {**lease, "checkpoint": str(trial_dir)},
+                                      spec.heartbeat_s, log)
+                try:
+                    result = run_trial(spec, params, trial_dir, sweep_data, report, precision=precision, log=log, stop=stop)
+                except Preempted as e:
+                    heartbeat.stop()
+                    frozen = optuna_study._storage.get_trial(trial._trial_id)
+                    hand_over(optuna_study, frozen, f"preempted: {e.reason}", str(trial_dir))
+                    log(f"trial {trial.number} preempted ({e.reason}): checkpoint {e.checkpoint} written, "
+                        "trial handed over to be resumed")
+                    trial = None
+                    continue
+                except (JournalChanged, UpdateFinishedTrialError):
+                    raise
+                except ClaimLost as e:  # another worker runs this enqueued point: not a failure of ours
+                    _tell_failed(optuna_study, trial, f"claim lost: {e}")
+                    log(f"trial {trial.number} stops: {e}")
+                    continue
+                except (SweeperError, RuntimeError, ValueError, OSError) as e:
+                    reason_text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    _tell_failed(optuna_study, trial, reason_text)
+                    log(f"trial {trial.number} failed: {reason_text}")
+                    failures_in_a_row += 1
+                    if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                        raise SweeperError(f"{failures_in_a_row} trials failed in a row; last: {reason_text}") from None
+                    continue
+                finally:
+                    heartbeat.stop()
+                failures_in_a_row = 0
+                gpu_seconds += result.wall_time_s
+                trial.set_user_attr("result", result_attrs(result))
+                if result.pruned_at is not None:
+                    optuna_study.tell(trial, state=TrialState.PRUNED)
+                    log(f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})")
+                else:
+                    optuna_study.tell(trial, result.eval_loss)
+                    log(f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, "
+                        f"{result.tokens_per_s:.0f} tok/s, {result.wall_time_s:.1f} s")
+                trial = None
+                views(None)
+            except UpdateFinishedTrialError:
+                # Another worker saw our heartbeat stop (a stall longer than the grace) and took the trial over.
+                log(f"trial {trial.number if trial else '?'} was taken over by another worker; going on")
+                trial = None
+            except JournalChanged as e:
+                # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now,
+                # and fail the trial we held, so it does not sit RUNNING against the budget.
+                log(f"{e}; reloading the study")
+                optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
+                if trial is not None:
+                    held = optuna.trial.Trial(optuna_study, trial._trial_id)  # the same trial, on the reloaded store
+                    if optuna_study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                        _tell_failed(optuna_study, held, f"JournalChanged: {e}")
+                trial = None
     summary.stop_reason = reason
     log(f"worker {summary.worker_id} stops: {reason}")
+    views(None)
     return summary

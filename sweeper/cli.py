@@ -171,6 +171,84 @@ def demo(folder: Path, trials: int) -> None:
     err.print(f"again: sweeper report --store {store}")
 
 
+install_option = click.option("--install", metavar="REQUIREMENT",
+                              help="pip requirement for the notebook's install cell, e.g. 'sweeper[runner] @ git+URL@TAG' "
+                                   "(default: sweeper[runner]==VERSION; none for --platform local).")
+
+
+@cli.command(name="notebook")
+@click.option("--platform", type=click.Choice(["colab", "kaggle", "local"]), required=True)
+@store_option
+@study_option
+@click.option("--account", help="Label for the notebook's worker in the report.")
+@click.option("--max-trials", type=click.IntRange(min=1), help="Stop each worker after this many trials.")
+@click.option("--checkpoint-root", help="Where trial checkpoints go (default: per platform).")
+@click.option("--deadline-hours", type=click.FloatRange(min=0), help="Session length (default: per platform).")
+@install_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .ipynb file to write.")
+def notebook_command(platform: str, store: str, study: str | None, account: str | None, max_trials: int | None,
+                     checkpoint_root: str | None, deadline_hours: float | None, install: str | None, output: Path) -> None:
+    """Write a runner notebook for Colab, Kaggle or this machine: upload it and Run all."""
+    from sweeper import notebook
+
+    nb = notebook.render(platform, store, study, account=account, max_trials=max_trials, checkpoint_root=checkpoint_root,
+                         deadline_hours=deadline_hours, install=install)
+    notebook.write(nb, output)
+    needed = notebook.secrets_needed(store)
+    err.print(f"wrote {output} for {platform}" + (f"; it reads the secrets {', '.join(needed)}" if needed else ""))
+
+
+@cli.group()
+def launch() -> None:
+    """Start runner notebooks on a platform, under your own account."""
+
+
+@launch.command(name="kaggle")
+@click.option("--store", envvar="SWEEPER_STORE", metavar="URL", help="Store URL (env SWEEPER_STORE).")
+@click.option("--study", envvar="SWEEPER_STUDY", required=True, metavar="NAME", help="Study name (env SWEEPER_STUDY).")
+@click.option("--gpu", type=click.Choice(["t4x2", "p100"]), default="t4x2", show_default=True,
+              help="Kaggle's GPU machine (the API offers no single T4).")
+@click.option("--timeout", "timeout_hours", type=float, metavar="HOURS", help="Session time limit (at most 12).")
+@click.option("--account", help="Label for the workers in the report (default: kaggle:USERNAME).")
+@install_option
+@click.option("--public", is_flag=True, help="Make the kernel public (default: private).")
+@click.option("--status", "show_status", is_flag=True, help="Show the state of the study's kernel instead of pushing.")
+def launch_kaggle(store: str | None, study: str, gpu: str, timeout_hours: float | None, account: str | None,
+                  install: str | None, public: bool, show_status: bool) -> None:
+    """Push the Kaggle runner notebook as a new version of your kernel USERNAME/sweeper-STUDY and run it."""
+    from sweeper import kaggle_launch
+
+    if show_status:
+        click.echo(kaggle_launch.status(study))
+        return
+    if not store:
+        raise UserError("give --store (or set SWEEPER_STORE)")
+    url = kaggle_launch.launch(store, study, gpu=gpu, timeout_hours=timeout_hours, account=account, install=install,
+                               private=not public, log=lambda line: err.print(line))
+    click.echo(url)
+
+
+@cli.command()
+@store_option
+@study_option
+@click.option("--failed", is_flag=True, help="Every failed trial not yet resumed (preempted, stale, crashed).")
+@click.option("--trial", "numbers", type=int, multiple=True, metavar="N", help="This trial (repeatable).")
+def retry(store: str, study: str | None, failed: bool, numbers: tuple[int, ...]) -> None:
+    """Enqueue trials again; a failed or pruned one resumes from its last checkpoint where one is reachable."""
+    from sweeper.leases import retry as retry_trials
+
+    if failed == bool(numbers):
+        raise UserError("give --failed or --trial N (not both)")
+    optuna_study, _ = _open(store, study)
+    done = retry_trials(optuna_study, list(numbers) if numbers else None)
+    for number, checkpoint in done:
+        err.print(f"trial {number} enqueued again" + (f", to resume from {checkpoint}" if checkpoint else ", from the start"))
+    if not done:
+        err.print("no failed trial to retry")
+    click.echo(json.dumps([n for n, _ in done]))
+
+
 @cli.command()
 def stores() -> None:
     """List the store URL kinds and what each is safe for."""

@@ -21,7 +21,9 @@ from rich.table import Table
 from rich.text import Text
 
 from sweeper.errors import SweeperError
+from sweeper.leases import chains
 from sweeper.spec import SweepSpec, drop_none
+from sweeper.storage.drive import duplicate_claims
 from sweeper.study import gc_paused
 
 # runner/worker.py writes two trial user attrs, one store write each: "worker" (id, account,
@@ -41,7 +43,13 @@ STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING"
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One plain dict per trial, in trial-number order: what every output format is made from."""
     with gc_paused():  # an RDB store builds every trial here
-        return [_row(t) for t in study.get_trials(deepcopy=False)]
+        trials = study.get_trials(deepcopy=False)
+        rows = [_row(t) for t in trials]
+    for number, first in duplicate_claims(trials).items():
+        rows[number]["note"] = f"duplicate of #{first}"  # two workers ran one enqueued point (drive store)
+    for number, chain in chains(trials).items():  # "resumes #12" / "resumed as #31"
+        rows[number]["note"] = "; ".join(filter(None, [chain, rows[number]["note"]]))
+    return rows
 
 
 def _row(t: FrozenTrial) -> dict[str, Any]:
@@ -54,6 +62,7 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         "user_attrs": dict(t.user_attrs),
+        "note": t.user_attrs.get("result", {}).get("fail_reason", ""),
     }
 
 
@@ -112,7 +121,7 @@ def render_table(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]
 def _table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[list[str], set[str], list[list[str]]]:
     """Headers, the right-justified ones, and the plain text of every cell, a list per column."""
     param_names = list(spec.space)
-    headers = ["#", "state", *param_names, "eval loss", *(h for _, h in ATTR_COLUMNS)]
+    headers = ["#", "state", *param_names, "eval loss", *(h for _, h in ATTR_COLUMNS), "note"]
     right = {"#", *param_names, "eval loss", "steps", "wall s", "tok/s"}
     sources = _attr_sources(rows)
     columns = [
@@ -122,6 +131,7 @@ def _table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[list[st
         ["" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}" + (
             f" @{r['last_eval']}" if r["state"] == "PRUNED" and r["last_eval"] is not None else "") for r in rows],
         *(list(map(_fmt, _attr_column(sources, key))) for key, _ in ATTR_COLUMNS),
+        [r["note"] for r in rows],
     ]
     return headers, right, columns
 
@@ -255,11 +265,11 @@ def to_csv(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     out = io.StringIO()
     attrs = [a for a, _ in ATTR_COLUMNS] + ["platform", "micro_batch", "grad_accum", "peak_mem_mb", "fail_reason"]
     writer = csv.writer(out)
-    writer.writerow(["number", "state", *spec.space, "eval_loss", *attrs])
+    writer.writerow(["number", "state", *spec.space, "eval_loss", *attrs, "note"])
     for r in rows:
         writer.writerow([r["number"], r["state"], *(r["params"].get(n, "") for n in spec.space),
                          "" if r["eval_loss"] is None else r["eval_loss"],
-                         *(_csv_cell(info(r).get(a)) for a in attrs)])
+                         *(_csv_cell(info(r).get(a)) for a in attrs), r["note"]])
     return out.getvalue()
 
 

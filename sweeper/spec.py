@@ -154,6 +154,8 @@ class SweepSpec:
     pruner: Literal["median", "hyperband", "none"] = "median"
     seed: int = 0
     """Sampler seed."""
+    heartbeat_s: float = 60
+    """Seconds between a running trial's heartbeats; one silent for 3 of them is taken over by another worker."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the study's user attrs and for JSON; None fields are dropped (TOML has no null)."""
@@ -352,6 +354,8 @@ def _check(spec: SweepSpec) -> list[str]:
         problems.append(f"study: {spec.study!r} may hold only letters, digits, '-', '_' and '.'")
     if spec.n_trials < 1:
         problems.append("n_trials: must be at least 1")
+    if not spec.heartbeat_s > 0:
+        problems.append("heartbeat_s: must be positive")
     if spec.model.max_seq_len < 16:
         problems.append("model.max_seq_len: must be at least 16")
     b = spec.budget

@@ -242,7 +242,7 @@ def test_report_csv_has_the_header_and_one_row_per_trial(with_trials):
     rows = list(csv.reader(io.StringIO(result.stdout)))
     assert rows[0] == ["number", "state", "learning_rate", "batch_size", "eval_loss", "steps", "wall_time_s",
                        "tokens_per_s", "gpu", "account", "checkpoint", "platform", "micro_batch", "grad_accum",
-                       "peak_mem_mb", "fail_reason"]
+                       "peak_mem_mb", "fail_reason", "note"]
     assert len(rows) == 1 + len(TRIALS)
     by_name = [dict(zip(rows[0], r)) for r in rows[1:]]
     assert by_name[1]["eval_loss"] == "1.2" and by_name[1]["gpu"] == "NVIDIA H100 80GB HBM3"

@@ -94,6 +94,20 @@ def test_resumed_trial_ends_with_the_same_loss_as_an_uninterrupted_one(demo_dir,
     assert resumed.eval_losses == whole.eval_losses  # bit for bit on the CPU
 
 
+def test_a_stop_request_checkpoints_between_checkpoints_and_resumes_bit_exact(demo_dir, sweep_data, tmp_path):
+    from runner.train import Preempted
+
+    spec = small_spec(demo_dir)
+    whole = run_trial(spec, PARAMS, tmp_path / "whole", sweep_data, log=lambda s: None)
+    steps = iter(range(100))
+    with pytest.raises(Preempted) as stopped:  # asked after every step: "stop" after the 3rd
+        run_trial(spec, PARAMS, tmp_path / "cut", sweep_data, log=lambda s: None,
+                  stop=lambda: "SIGTERM received" if next(steps) == 2 else None)
+    assert stopped.value.reason == "SIGTERM received" and stopped.value.checkpoint.name == "step-000003"
+    resumed = run_trial(spec, PARAMS, tmp_path / "cut", sweep_data, log=lambda s: None)
+    assert resumed.resumed_from_step == 3 and resumed.eval_losses == whole.eval_losses
+
+
 def test_checkpoint_of_other_params_is_not_resumed(demo_dir, sweep_data, tmp_path):
     spec = small_spec(demo_dir, train_tokens=3_000)
     run_trial(spec, PARAMS, tmp_path / "t", sweep_data, log=lambda s: None)

@@ -67,4 +67,4 @@ def redact(url: str) -> str:
 
 
 # Registration happens on import; keep these last.
-from sweeper.storage import local, gsheets, server  # noqa: E402,F401,I001  (the order `sweeper stores` lists)
+from sweeper.storage import local, gsheets, drive, server  # noqa: E402,F401,I001  (the order `sweeper stores` lists)

@@ -1,11 +1,16 @@
 """Optuna's own server stores: postgresql://, mysql://, redis://, grpc://host:port.
 
 For teams that outgrow the sheet. Passwords in the URL never reach an error message.
+postgresql:// also has a store lock (a PostgreSQL advisory lock), so concurrent enqueues never add a
+point twice; the other server stores have none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import zlib
+from collections.abc import Iterator
 
 from optuna.storages import BaseStorage, GrpcStorageProxy, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalRedisBackend
@@ -27,9 +32,13 @@ def _first_line(e: Exception, url: str) -> str:
 DEFAULT_DRIVER = {"postgresql": "psycopg2", "mysql": "pymysql"}
 
 
-def open_rdb(url: str) -> BaseStorage:
+def _engine_url(url: str) -> str:
     scheme, rest = url.split("://", 1)
-    engine_url = f"{scheme}+{DEFAULT_DRIVER[scheme]}://{rest}" if scheme in DEFAULT_DRIVER else url
+    return f"{scheme}+{DEFAULT_DRIVER[scheme]}://{rest}" if scheme in DEFAULT_DRIVER else url
+
+
+def open_rdb(url: str) -> BaseStorage:
+    engine_url = _engine_url(url)
     try:
         return RDBStorage(engine_url, engine_kwargs={"pool_pre_ping": True})
     except ImportError:  # Optuna re-raises a missing DB driver as ImportError
@@ -37,6 +46,40 @@ def open_rdb(url: str) -> BaseStorage:
         raise UserError(f"the {scheme} driver is not installed; install {DRIVERS[scheme]}") from None
     except Exception as e:
         raise SweeperError(f"cannot open store {redact(url)}: {_first_line(e, engine_url)}") from None
+
+
+# Advisory locks live in one database's lock space: this key is "the store" for every client of it.
+LOCK_KEY = zlib.crc32(b"sweeper.store_lock")
+
+
+@contextlib.contextmanager
+def postgres_lock(url: str) -> Iterator[None]:
+    """A session-level advisory lock, held on a connection of its own for the with-block.
+
+    Every client of the database, on any machine, waits for it. The connection is in autocommit, so it
+    never sits idle in a transaction; closing it ends the session, which releases the lock, and so does
+    the server when this process dies.
+    """
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine_url = _engine_url(url)
+    try:
+        engine = sqlalchemy.create_engine(engine_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    except ImportError:
+        raise UserError(f"the postgresql driver is not installed; install {DRIVERS['postgresql']}") from None
+    conn = None
+    try:
+        try:
+            conn = engine.connect()
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": LOCK_KEY})
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            raise SweeperError(f"cannot lock store {redact(url)}: {_first_line(e, engine_url)}") from None
+        yield
+    finally:
+        if conn is not None:
+            conn.close()  # NullPool: the connection really closes, and the session's lock goes with it
+        engine.dispose()
 
 
 def open_redis(url: str) -> BaseStorage:
@@ -58,7 +101,7 @@ def open_grpc(url: str) -> BaseStorage:
         raise UserError("the grpc client is not installed; install optuna[grpc]") from None
 
 
-register(Backend("postgresql", "postgresql://user:pass@host/db", "a team's server", open_rdb))
+register(Backend("postgresql", "postgresql://user:pass@host/db", "a team's server", open_rdb, postgres_lock))
 register(Backend("mysql", "mysql://user:pass@host/db", "a team's server", open_rdb))
 register(Backend("redis", "redis://host:6379", "a team's server", open_redis))
 register(Backend("grpc", "grpc://host:port", "a team's server (optuna grpc proxy)", open_grpc))

@@ -1,0 +1,168 @@
+"""Leases on running trials, on every store: heartbeats, staleness judged on the observer's clock, takeover.
+
+Optuna's own heartbeat is RDB-only and runs only inside study.optimize (DESIGN.md), so:
+- A running trial's lease is its system attr LEASE: worker, account, platform, checkpoint folder and a
+  beat counter, rewritten every heartbeat_s by a background thread (`Heartbeat`): one store write, the
+  same on every store (an attr op on a journal or sheet, a row on a server, our own shard on Drive).
+- Staleness is judged on the observer's own clock (`Watcher`): a lease is stale once its beat has not
+  changed for GRACE_BEATS heartbeats since this process first saw it, so no clock skew between
+  machines can make a live trial stale; a worker that just joined waits the whole grace first.
+- `take_over` fails a stale trial (the store lets exactly one writer finish a trial; a second taker's
+  write is refused) and enqueues its params again with RESUME_FROM naming its checkpoint folder and
+  RESUMES the trial it continues; the worker that pops it resumes from that checkpoint.
+- A worker leaving mid-trial (deadline, SIGTERM, Ctrl-C) hands its trial over the same way at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.errors import UserError
+
+LEASE = "sweeper:lease"
+RESUMES = "resumes"  # user attr: the key (trial_key) of the trial this one continues
+RESUME_FROM = "resume_from"  # user attr: the checkpoint folder to resume from
+GRACE_BEATS = 3
+
+
+def trial_key(trial: FrozenTrial) -> int | str:
+    """A trial's name that every worker's view shares: its number, or on a drive store its origin."""
+    return trial.system_attrs.get("drive:origin", trial.number)
+
+
+class Heartbeat:
+    """Rewrites a running trial's lease every interval_s from a background thread, until stopped or the
+    trial is finished (by us, or by a worker that took it over)."""
+
+    def __init__(self, storage: Any, trial_id: int, lease: dict[str, Any], interval_s: float,
+                 log: Callable[[str], None] = print):
+        self.storage, self.trial_id, self.lease, self.interval_s, self.log = storage, trial_id, lease, interval_s, log
+        self.beats = 0
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="sweeper-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> bool:
+        self.beats += 1
+        try:
+            self.storage.set_trial_system_attr(self.trial_id, LEASE, {**self.lease, "beat": self.beats})
+        except UpdateFinishedTrialError:
+            return False  # finished, here or by a takeover: nothing left to keep alive
+        except Exception as e:  # a store hiccup must not kill the trial; the next beat tries again
+            self.log(f"heartbeat failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if not self._beat():
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Watcher:
+    """Which running trials are stale, on this process's clock: beat unchanged for GRACE_BEATS x interval_s."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.grace_s = GRACE_BEATS * interval_s
+        self.clock = clock
+        self._seen: dict[int | str, tuple[Any, float]] = {}  # trial key -> (beat, when we saw it change)
+
+    def stale(self, trials: list[FrozenTrial], own: set[int] = frozenset()) -> list[FrozenTrial]:
+        now, stale, running = self.clock(), [], set()
+        for t in trials:
+            if t.state != TrialState.RUNNING or t._trial_id in own:
+                continue
+            key = trial_key(t)
+            running.add(key)
+            beat = t.system_attrs.get(LEASE, {}).get("beat")
+            if key not in self._seen or self._seen[key][0] != beat:
+                self._seen[key] = (beat, now)
+            elif now - self._seen[key][1] >= self.grace_s:
+                stale.append(t)
+        self._seen = {k: v for k, v in self._seen.items() if k in running}
+        return stale
+
+
+def hand_over(study: optuna.Study, trial: FrozenTrial, reason: str, checkpoint: str | None) -> int | None:
+    """Fail `trial` with `reason` and enqueue its params again, to resume from `checkpoint`. Returns the new
+    trial's id, or None when another worker finished or took the trial first (the store refuses our write)."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "result", {"fail_reason": reason, "checkpoint": checkpoint or ""})
+        if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            return None
+    except UpdateFinishedTrialError:
+        return None
+    return enqueue_resume(study, trial, checkpoint)
+
+
+def enqueue_resume(study: optuna.Study, trial: FrozenTrial, checkpoint: str | None) -> int:
+    """Enqueue a trial with `trial`'s params that continues it (from `checkpoint`, if given); returns its id."""
+    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    user_attrs = {RESUMES: trial_key(trial)}
+    if checkpoint:
+        user_attrs[RESUME_FROM] = checkpoint
+    study.enqueue_trial(params, user_attrs=user_attrs)
+    return study.get_trials(deepcopy=False)[-1]._trial_id
+
+
+def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str]]:
+    """`sweeper retry`: enqueue the given finished trials again (None: every failed one not yet resumed),
+    each resuming from its last checkpoint where it left one. Returns (number, checkpoint or '')."""
+    trials = study.get_trials(deepcopy=False)
+    resumed = {t.user_attrs.get(RESUMES) for t in trials}
+    if numbers is None:
+        chosen = [t for t in trials if t.state == TrialState.FAIL and trial_key(t) not in resumed]
+    else:
+        by_number = {t.number: t for t in trials}
+        missing = [n for n in numbers if n not in by_number]
+        if missing:
+            raise UserError(f"no trial {', '.join(map(str, missing))} in study {study.study_name!r}")
+        chosen = [by_number[n] for n in numbers]
+        running = [t.number for t in chosen if not t.state.is_finished()]
+        if running:
+            raise UserError(f"trial {', '.join(map(str, running))} has not finished; only finished trials are retried")
+    done = []
+    for t in chosen:
+        checkpoint = t.user_attrs.get("result", {}).get("checkpoint") or t.system_attrs.get(LEASE, {}).get("checkpoint")
+        if t.state == TrialState.COMPLETE:
+            checkpoint = None  # resuming a finished run would only repeat its end: run it afresh
+        enqueue_resume(study, t, checkpoint)
+        done.append((t.number, checkpoint or ""))
+    return done
+
+
+def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], None], own: set[int] = frozenset()) -> int:
+    """Take over every trial this watcher finds stale; returns how many this worker took."""
+    taken = 0
+    for trial in watcher.stale(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), own):
+        lease = trial.system_attrs.get(LEASE, {})
+        reason = (f"stale: no heartbeat from worker {lease.get('worker', '?')} for {watcher.grace_s:.0f} s "
+                  f"(taken over)")
+        if hand_over(study, trial, reason, lease.get("checkpoint")) is not None:
+            taken += 1
+            log(f"trial {trial.number} was {reason}; enqueued to resume from {lease.get('checkpoint') or 'the start'}")
+    return taken
+
+
+def chains(trials: list[FrozenTrial]) -> dict[int, str]:
+    """Report notes: trial number -> "resumes #12" / "resumed as #31", from the RESUMES attrs."""
+    number_of = {trial_key(t): t.number for t in trials}
+    notes: dict[int, list[str]] = {}
+    for t in trials:
+        key = t.user_attrs.get(RESUMES)
+        if key is not None and key in number_of:
+            notes.setdefault(t.number, []).append(f"resumes #{number_of[key]}")
+            notes.setdefault(number_of[key], []).append(f"resumed as #{t.number}")
+    return {n: ", ".join(v) for n, v in notes.items()}

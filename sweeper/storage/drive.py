@@ -1,0 +1,426 @@
+"""drive:///content/drive/MyDrive/sweeps/NAME: one SQLite shard per worker in a synced folder, merged on read.
+
+Colab's Drive mount writes to a per-VM cache and syncs minutes later, and no lock is seen across
+machines (DESIGN.md), so no file here is ever written by two processes:
+- The first write of a process creates its shard, `<shard id>.db` (Optuna's own SQLite schema), kept
+  in a local temp folder and published to the folder after every write by atomic replace (write a
+  hidden temp file, fsync, rename). A process that only reads (report, best) writes nothing.
+- The storage is an in-memory view of the whole sweep: the process's own trials plus every other
+  shard's, re-read when a shard's size or mtime changes (at most every sync_s). A foreign trial keeps
+  its origin ("<shard>#<number>", system attr ORIGIN), so it is counted once however often it is read.
+  The sampler and the pruner see the whole sweep, late by however long Drive takes.
+- Enqueued points (WAITING trials without a CLAIM attr) are claimed by running a trial whose CLAIM
+  attr names the point: Optuna's ask popping a point makes such a trial in our shard, publishes it,
+  waits settle_s and re-reads. Of a point's claimants every worker picks the same winner: a finished
+  claim first, then the lowest shard id. A loser learns it at the settle or later (`drop_lost_claim`,
+  checked at every eval), and stops; its trial fails with LOST set, and the point is not counted
+  twice. Lag can waste work; it never loses a result. Claims that raced past each other all the way
+  to the end are marked in the report (`duplicate_claims`).
+- A shard that cannot be read (older Optuna schema, half-synced, not SQLite) is skipped with a
+  warning naming it, and read again when it changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from optuna.distributions import BaseDistribution
+from optuna.storages import InMemoryStorage, RDBStorage
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.pool import NullPool
+
+from sweeper.errors import SweeperError, UserError
+from sweeper.storage import Backend, register
+
+ORIGIN = "drive:origin"  # "<shard id>#<trial number in that shard>": where a trial's record lives
+CLAIM = "drive:claim"  # on a trial run for an enqueued point: the point's origin
+LOST = "drive:claim_lost"  # on a claim that lost to another worker's claim on the same point
+
+log = logging.getLogger(__name__)
+
+
+def _seconds(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def folder_of(url: str) -> Path:
+    """drive:///abs/folder is absolute (like file://), drive://rel/folder relative."""
+    path = url[len("drive://"):].rstrip("/")
+    if not path:
+        raise UserError(f"drive store needs a folder: drive:///content/drive/MyDrive/sweeps/NAME (got {url!r})")
+    return Path(path)
+
+
+def shard_name(worker_id: str) -> str:
+    """A worker id as a file name: `alice/1a2b3c4d` -> `alice-1a2b3c4d`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", worker_id).strip(".-") or uuid.uuid4().hex[:8]
+
+
+def _shard_of(origin: str) -> str:
+    return origin.rpartition("#")[0]
+
+
+class DriveStorage(InMemoryStorage):
+    """The merged view of a drive folder's shards; writes go to this process's own shard."""
+
+    def __init__(self, folder: Path, sync_s: float | None = None, settle_s: float | None = None):
+        super().__init__()
+        self.folder = folder
+        self.sync_s = _seconds("SWEEPER_DRIVE_SYNC_S", 5) if sync_s is None else sync_s
+        self.settle_s = _seconds("SWEEPER_DRIVE_SETTLE_S", 30) if settle_s is None else settle_s
+        self.shard_id: str | None = None  # may be set before the first write; else made up then
+        self._shard: RDBStorage | None = None
+        self._shard_path: Path | None = None
+        self._shard_study: dict[int, int] = {}  # view study id -> shard study id
+        self._created_studies: set[int] = set()  # view study ids this process created
+        self._own: dict[int, int] = {}  # view trial id -> shard trial id
+        self._origin: dict[str, int | None] = {}  # foreign origin -> view trial id (None: slot given away)
+        self._seen: dict[str, tuple[int, int]] = {}  # shard file -> (mtime_ns, size) last read
+        self._synced_at = -float("inf")
+        self._read_dir = tempfile.TemporaryDirectory(prefix="sweeper-shards-")
+        self._readers: dict[str, RDBStorage] = {}  # shard file -> reader of our copy of it
+        self.sync()
+
+    # -- reading the other shards ---------------------------------------------------------------
+
+    def sync(self, force: bool = True) -> None:
+        """Bring in what changed in the other shards (if force or sync_s has passed)."""
+        if not force and time.monotonic() - self._synced_at < self.sync_s:
+            return
+        with self._lock:
+            self._synced_at = time.monotonic()
+            try:
+                paths = sorted(p for p in self.folder.glob("*.db") if p.stem != self.shard_id)
+            except OSError as e:
+                raise SweeperError(f"cannot list drive folder {self.folder}: {e.strerror or e}") from None
+            for path in paths:
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                key = (stat.st_mtime_ns, stat.st_size)
+                if self._seen.get(path.name) == key:
+                    continue
+                self._seen[path.name] = key
+                for study, trials in self._read_shard(path):
+                    view_study = self._view_study(study)
+                    for trial in trials:
+                        self._merge(view_study, f"{path.stem}#{trial.number}", trial)
+
+    def _read_shard(self, path: Path) -> list[tuple[Any, list[FrozenTrial]]]:
+        """Every study and trial in one shard, read from a private copy (Drive may replace the file meanwhile);
+        [] with a warning if it cannot be read. A shard's reader is kept: opening one costs 10x a read."""
+        copy_path = Path(self._read_dir.name) / path.name
+        try:
+            shutil.copyfile(path, copy_path.with_suffix(".new"))
+            os.replace(copy_path.with_suffix(".new"), copy_path)
+            if path.name not in self._readers:
+                with contextlib.closing(sqlite3.connect(f"file:{copy_path}?mode=ro", uri=True)) as db:
+                    db.execute("SELECT 1 FROM studies LIMIT 1")  # junk or an empty file: fail here, create nothing
+                # NullPool: every read opens the file afresh, so it sees the copy just renamed into place.
+                self._readers[path.name] = RDBStorage(f"sqlite:///{copy_path}", skip_table_creation=True,
+                                                      engine_kwargs={"poolclass": NullPool})
+            reader = self._readers[path.name]
+            return [(s, reader.get_all_trials(s._study_id, deepcopy=False)) for s in reader.get_all_studies()]
+        except FileNotFoundError:
+            return []  # replaced or removed since listed: read it next time
+        except Exception as e:  # sqlite, sqlalchemy and Optuna's schema check all fail differently
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("skipping shard %s: %s", path, first)
+            self._readers.pop(path.name, None)
+            return []
+
+    def _view_study(self, study: Any) -> int:
+        try:
+            study_id = super().get_study_id_from_name(study.study_name)
+        except KeyError:
+            study_id = super().create_new_study(study.directions, study.study_name)
+        known = super().get_study_user_attrs(study_id)
+        for key, value in study.user_attrs.items():
+            if key not in known:  # a spec never changes on a drive store (set_study_user_attr)
+                super().set_study_user_attr(study_id, key, value)
+        return study_id
+
+    def _merge(self, study_id: int, origin: str, trial: FrozenTrial) -> None:
+        """One foreign trial record into the view: new, changed, or a claim taking its point's slot."""
+        if origin in self._origin:
+            slot = self._origin[origin]
+            if slot is None:  # its slot went to a claim; the record matters again once it runs itself
+                if trial.state == TrialState.WAITING:
+                    return
+                self._origin[origin] = self._add(study_id, origin, trial)
+            elif slot not in self._own and not super().get_trial(slot).state.is_finished():
+                self._put(slot, origin, trial)
+            return
+        point = trial.system_attrs.get(CLAIM)
+        slot = self._point_slot(point) if point else None
+        if slot is not None and super().get_trial(slot).state == TrialState.WAITING \
+                and CLAIM not in super().get_trial(slot).system_attrs:
+            self._origin[point] = None  # the first claim seen takes the point's place in the view
+            self._origin[origin] = slot
+            self._own.pop(slot, None)  # our own point: it stays WAITING in our shard, like any point
+            self._put(slot, origin, trial)
+        elif trial.state == TrialState.WAITING and point is None and self._claimants(study_id, origin):
+            self._origin[origin] = None  # a point whose claim we already see
+        else:
+            self._origin[origin] = self._add(study_id, origin, trial)
+
+    def _point_slot(self, point: str) -> int | None:
+        if _shard_of(point) != self.shard_id:
+            return self._origin.get(point)
+        return next((slot for slot in self._own if super(DriveStorage, self).get_trial(slot).system_attrs.get(ORIGIN) == point), None)
+
+    def _add(self, study_id: int, origin: str, trial: FrozenTrial) -> int:
+        trial = copy.copy(trial)
+        trial.system_attrs = {**trial.system_attrs, ORIGIN: origin}
+        return super().create_new_trial(study_id, template_trial=trial)
+
+    def _put(self, slot: int, origin: str, trial: FrozenTrial) -> None:
+        """Replace the view's record in `slot` with a foreign one, keeping the slot's id and number."""
+        trial = copy.copy(trial)
+        trial._trial_id, trial.number = slot, super().get_trial(slot).number
+        trial.system_attrs = {**trial.system_attrs, ORIGIN: origin}
+        study_id = self._trial_id_to_study_id_and_number[slot][0]
+        self._set_trial(slot, trial)
+        self._update_cache(slot, study_id)
+
+    # -- claims -----------------------------------------------------------------------------------
+
+    def _claimants(self, study_id: int, point: str) -> list[FrozenTrial]:
+        return [t for t in super().get_all_trials(study_id, deepcopy=False)
+                if t.system_attrs.get(CLAIM) == point and not t.system_attrs.get(LOST)]
+
+    def claim_winner(self, trial_id: int) -> FrozenTrial | None:
+        """The winning claim on this trial's enqueued point (None if it claims none): every worker picks
+        the same one from the same records, a finished claim first, then the lowest shard id."""
+        trial = self.get_trial(trial_id)
+        point = trial.system_attrs.get(CLAIM)
+        if point is None:
+            return None
+        study_id = self._trial_id_to_study_id_and_number[trial_id][0]
+        claimants = self._claimants(study_id, point) or [trial]
+        return min(claimants, key=lambda t: (not t.state.is_finished(), _shard_of(t.system_attrs[ORIGIN])))
+
+    def _lost_to(self, trial_id: int) -> str | None:
+        winner = self.claim_winner(trial_id)
+        if winner is None or winner._trial_id == trial_id:
+            return None
+        point = self.get_trial(trial_id).system_attrs[CLAIM]
+        return f"enqueued point {point} is also claimed by worker {_shard_of(winner.system_attrs[ORIGIN])}, which wins"
+
+    def drop_lost_claim(self, trial_id: int) -> str | None:
+        """Re-read the folder (if sync_s passed); if another worker's claim on this trial's point wins, mark ours LOST and
+        return why (the caller stops the trial and fails it). None: carry on."""
+        self.sync(force=False)
+        reason = self._lost_to(trial_id)
+        if reason is not None:
+            self.set_trial_system_attr(trial_id, LOST, True)
+        return reason
+
+    def _claim(self, trial_id: int) -> bool:
+        """Optuna's ask popping a point: run it as our claim, if no other claim beats ours after settle_s."""
+        point_trial = super().get_trial(trial_id)
+        study_id = self._trial_id_to_study_id_and_number[trial_id][0]
+        point = point_trial.system_attrs.get(ORIGIN) or self._own_origin(trial_id)
+        if point_trial.system_attrs.get(CLAIM) is not None or self._claimants(study_id, point):
+            return False  # a claim itself, or a point someone already claimed
+        if trial_id in self._own:  # our own point: popping it is the claim, nothing to wait for
+            self.set_trial_system_attr(trial_id, CLAIM, point)
+            return True
+        self._origin[point] = None
+        claim = copy.copy(point_trial)
+        claim.system_attrs = {k: v for k, v in point_trial.system_attrs.items() if k != ORIGIN} | {CLAIM: point}
+        self._own[trial_id] = self._shard_storage().create_new_trial(self._shard_study_id(study_id), template_trial=claim)
+        self._set_trial(trial_id, claim)
+        self._tag_own(trial_id)
+        self._publish()
+        time.sleep(self.settle_s)
+        self.sync()
+        if self.drop_lost_claim(trial_id) is not None:
+            self.set_trial_state_values(trial_id, TrialState.FAIL)
+            return False
+        return True
+
+    def _tag_own(self, trial_id: int) -> None:
+        """Our trial's ORIGIN, in the view only (other workers derive it from our shard's name)."""
+        trial = copy.copy(super().get_trial(trial_id))
+        trial.system_attrs = {**trial.system_attrs, ORIGIN: self._own_origin(trial_id)}
+        self._set_trial(trial_id, trial)
+
+    def _own_origin(self, trial_id: int) -> str:
+        return f"{self.shard_id}#{self._shard_storage().get_trial_number_from_id(self._own[trial_id])}"
+
+    # -- writing our own shard --------------------------------------------------------------------
+
+    def _shard_storage(self) -> RDBStorage:
+        if self._shard is None:
+            self.shard_id = self.shard_id or shard_name(f"{os.uname().nodename[:20]}-{uuid.uuid4().hex[:8]}")
+            if not self.folder.parent.is_dir():
+                raise UserError(f"folder {self.folder.parent} does not exist (is Drive mounted?)")
+            self._shard_path = Path(self._read_dir.name) / "own" / f"{self.shard_id}.db"
+            self._shard_path.parent.mkdir()
+            self._shard = RDBStorage(f"sqlite:///{self._shard_path}")
+        return self._shard
+
+    def _shard_study_id(self, study_id: int) -> int:
+        if study_id not in self._shard_study:
+            shard = self._shard_storage()
+            shard_study = shard.create_new_study(super().get_study_directions(study_id), super().get_study_name_from_id(study_id))
+            for key, value in super().get_study_user_attrs(study_id).items():
+                shard.set_study_user_attr(shard_study, key, value)
+            for key, value in super().get_study_system_attrs(study_id).items():
+                shard.set_study_system_attr(shard_study, key, value)
+            self._shard_study[study_id] = shard_study
+        return self._shard_study[study_id]
+
+    def _publish(self) -> None:
+        """Our shard into the folder: a hidden temp file, fsync, atomic rename (readers see old or new)."""
+        assert self._shard_path is not None
+        target = self.folder / self._shard_path.name
+        temp = self.folder / f".{self._shard_path.name}.{uuid.uuid4().hex[:6]}.tmp"
+        try:
+            self.folder.mkdir(exist_ok=True)
+            source, copy_to = sqlite3.connect(self._shard_path), sqlite3.connect(temp)
+            try:
+                source.backup(copy_to)
+            finally:
+                source.close()
+                copy_to.close()
+            with open(temp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(temp, target)
+        except (OSError, sqlite3.Error) as e:
+            temp.unlink(missing_ok=True)
+            raise SweeperError(f"cannot write shard {target}: {getattr(e, 'strerror', None) or e}") from None
+
+    def _mirror(self, trial_id: int, method: str, *args: Any) -> None:
+        """Apply a write made in the view to our shard's copy of the trial and publish it."""
+        if trial_id not in self._own:
+            origin = super().get_trial(trial_id).system_attrs.get(ORIGIN, "?")
+            raise SweeperError(f"trial {origin} belongs to another worker's shard; only its worker writes it")
+        getattr(self._shard_storage(), method)(self._own[trial_id], *args)
+        self._publish()
+
+    # -- the BaseStorage writes -------------------------------------------------------------------
+
+    def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
+        with self._lock:
+            self.sync()
+            study_id = super().create_new_study(directions, study_name)
+            self._created_studies.add(study_id)
+            self._shard_study_id(study_id)
+            self._publish()
+            return study_id
+
+    def delete_study(self, study_id: int) -> None:
+        raise UserError("a drive:// study cannot be deleted: its records live in every worker's shard; "
+                        "use a new study name or folder")
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        with self._lock:
+            if study_id not in self._created_studies:
+                raise UserError("a drive:// study's spec cannot change once workers copied it; use a new study name")
+            super().set_study_user_attr(study_id, key, value)
+            self._shard_storage().set_study_user_attr(self._shard_study_id(study_id), key, value)
+            self._publish()
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        with self._lock:
+            super().set_study_system_attr(study_id, key, value)
+            self._shard_storage().set_study_system_attr(self._shard_study_id(study_id), key, value)
+            self._publish()
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        with self._lock:
+            trial_id = super().create_new_trial(study_id, template_trial)
+            template = copy.copy(super().get_trial(trial_id))
+            template.system_attrs = {k: v for k, v in template.system_attrs.items() if k != ORIGIN}
+            self._own[trial_id] = self._shard_storage().create_new_trial(self._shard_study_id(study_id),
+                                                                         template_trial=template)
+            self._tag_own(trial_id)
+            self._publish()
+            return trial_id
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: BaseDistribution) -> None:
+        with self._lock:
+            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+            self._mirror(trial_id, "set_trial_param", param_name, param_value_internal, distribution)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        with self._lock:
+            trial = super().get_trial(trial_id)
+            if state == TrialState.RUNNING and trial.state == TrialState.WAITING and not self._claim(trial_id):
+                return False
+            if not super().set_trial_state_values(trial_id, state, values):
+                return False
+            self._mirror(trial_id, "set_trial_state_values", state, values)
+            return True
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        with self._lock:
+            super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+            self._mirror(trial_id, "set_trial_intermediate_value", step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        with self._lock:
+            super().set_trial_user_attr(trial_id, key, value)
+            self._mirror(trial_id, "set_trial_user_attr", key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        with self._lock:
+            super().set_trial_system_attr(trial_id, key, value)
+            self._mirror(trial_id, "set_trial_system_attr", key, value)
+
+    # -- the reads every ask makes: keep the view fresh -------------------------------------------
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        self.sync(force=False)
+        trials = super().get_all_trials(study_id, deepcopy, states)
+        if states == (TrialState.WAITING,):  # ask pops the first: each worker tries the points in its own order
+            trials.sort(key=lambda t: zlib.crc32(f"{self.shard_id}:{t.system_attrs.get(ORIGIN)}".encode()))
+        return trials
+
+
+def drop_lost_claim(storage: Any, trial_id: int) -> str | None:
+    """For a drive store: why this trial must stop because another claim on its point wins; else None."""
+    return storage.drop_lost_claim(trial_id) if isinstance(storage, DriveStorage) else None
+
+
+def duplicate_claims(trials: list[FrozenTrial]) -> dict[int, int]:
+    """Trial number -> the number of the claim it duplicates, for points that two finished claims ran."""
+    winners: dict[str, FrozenTrial] = {}
+    duplicates = {}
+    finished = [t for t in trials if t.system_attrs.get(CLAIM) and t.state.is_finished() and not t.system_attrs.get(LOST)]
+    for t in sorted(finished, key=lambda t: _shard_of(t.system_attrs.get(ORIGIN, ""))):
+        point = t.system_attrs[CLAIM]
+        if point in winners:
+            duplicates[t.number] = winners[point].number
+        else:
+            winners[point] = t
+    return duplicates
+
+
+def open_drive(url: str) -> DriveStorage:
+    folder = folder_of(url)
+    if not folder.parent.is_dir():
+        raise UserError(f"folder {folder.parent} does not exist (is Drive mounted?)")
+    return DriveStorage(folder)
+
+
+register(Backend("drive", "drive:///content/drive/MyDrive/sweeps/NAME", "Colab workers sharing a Drive folder",
+                 open_drive))

@@ -1,0 +1,162 @@
+"""Leases: heartbeats, staleness on the observer's clock, takeover (first writer wins), hand-over, retry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from test_cli import sweeper
+
+from sweeper.leases import LEASE, RESUME_FROM, RESUMES, Heartbeat, Watcher, hand_over, take_over_stale
+from sweeper.storage import open_storage
+
+TESTS = Path(__file__).parent
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def running_trial(study: optuna.Study, beat: int | None) -> optuna.Trial:
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    if beat is not None:
+        trial.storage.set_trial_system_attr(trial._trial_id, LEASE, {"worker": "w/1", "beat": beat, "checkpoint": "/c"})
+    return trial
+
+
+def test_a_lease_is_stale_after_three_silent_beats_on_the_observers_clock():
+    study = optuna.create_study()
+    alive, silent = running_trial(study, beat=1), running_trial(study, beat=1)
+    clock = Clock()
+    watcher = Watcher(interval_s=10, clock=clock)
+    assert watcher.stale(study.trials) == []  # first sight starts the clock, whatever the lease's own times say
+    for beat in (2, 3, 4):
+        clock.now += 10
+        study._storage.set_trial_system_attr(alive._trial_id, LEASE, {"worker": "w/1", "beat": beat})
+        stale = [t.number for t in watcher.stale(study.trials)]
+        assert stale == ([silent.number] if beat == 4 else [])  # 30 s = 3 heartbeats without a change
+    late = Watcher(interval_s=10, clock=clock)  # a worker that joins now waits the whole grace itself
+    assert late.stale(study.trials) == []
+    assert watcher.stale(study.trials, own={silent._trial_id}) == []  # never our own trial
+
+
+def test_a_heartbeat_beats_until_the_trial_finishes():
+    study = optuna.create_study()
+    trial = running_trial(study, beat=None)
+    heartbeat = Heartbeat(study._storage, trial._trial_id, {"worker": "w/1"}, interval_s=0.05)
+    time.sleep(0.3)
+    assert study._storage.get_trial(trial._trial_id).system_attrs[LEASE]["beat"] >= 3
+    study.tell(trial, state=TrialState.FAIL)  # as a takeover would
+    time.sleep(0.15)
+    assert not heartbeat._thread.is_alive()  # it stopped by itself
+    heartbeat.stop()
+
+
+def test_two_workers_taking_over_one_trial_enqueue_one_resume(store_url):
+    optuna.create_study(study_name="s", storage=open_storage(store_url))
+    mine = optuna.load_study(study_name="s", storage=open_storage(store_url))
+    trial = running_trial(mine, beat=1)
+    takers = [optuna.load_study(study_name="s", storage=open_storage(store_url)) for _ in range(2)]
+    frozen = [taker._storage.get_trial(trial._trial_id) for taker in takers]  # both judged it stale
+    results = [hand_over(taker, t, "stale: test", "/ckpt/trial-0000") for taker, t in zip(takers, frozen)]
+    assert sum(r is not None for r in results) == 1
+    trials = optuna.load_study(study_name="s", storage=open_storage(store_url)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["result"]["fail_reason"] == "stale: test"
+    assert trials[1].user_attrs == {RESUMES: 0, RESUME_FROM: "/ckpt/trial-0000"}
+    assert trials[1].system_attrs["fixed_params"] == trials[0].params
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # the old worker's next write is refused
+        trial.set_user_attr("result", {"eval_loss": 1.0})  # (the worker writes its result before telling)
+
+
+def test_take_over_stale_resumes_and_the_report_shows_the_chain(tmp_path, spec_toml):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweeper("init", spec_toml, "--store", url).exit_code == 0
+    study = optuna.load_study(study_name="demo", storage=open_storage(url))
+    trial = study.ask()
+    trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
+    trial.suggest_categorical("batch_size", [8, 16])
+    study._storage.set_trial_system_attr(trial._trial_id, LEASE, {"worker": "ana/1", "beat": 7, "checkpoint": "/c/t0"})
+    clock, logged = Clock(), []
+    watcher = Watcher(interval_s=1, clock=clock)
+    assert take_over_stale(study, watcher, logged.append) == 0
+    clock.now += 3
+    assert take_over_stale(study, watcher, logged.append) == 1
+    assert logged == ["trial 0 was stale: no heartbeat from worker ana/1 for 3 s (taken over); "
+                      "enqueued to resume from /c/t0"]
+    resumed = study.ask()
+    resumed.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
+    resumed.suggest_categorical("batch_size", [8, 16])
+    assert resumed.params == trial.params and resumed.user_attrs[RESUME_FROM] == "/c/t0"
+    study.tell(resumed, 1.5)
+    rows = json.loads(sweeper("report", "--store", url, "--json").output)
+    assert [(r["state"], r["note"]) for r in rows] == [
+        ("FAIL", "resumed as #1; stale: no heartbeat from worker ana/1 for 3 s (taken over)"),
+        ("COMPLETE", "resumes #0")]
+
+
+def test_retry_re_enqueues_failed_trials_once(tmp_path, spec_toml):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweeper("init", spec_toml, "--store", url).exit_code == 0
+    study = optuna.load_study(study_name="demo", storage=open_storage(url))
+    for state in (TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL):
+        trial = study.ask()
+        trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
+        trial.set_user_attr("result", {"fail_reason": "x", "checkpoint": f"/c/{trial.number}"})
+        study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
+    result = sweeper("retry", "--store", url, "--failed")
+    assert result.exit_code == 0 and json.loads(result.stdout) == [0, 2]
+    assert "trial 0 enqueued again, to resume from /c/0" in result.stderr
+    assert json.loads(sweeper("retry", "--store", url, "--failed").stdout) == []  # already resumed
+    result = sweeper("retry", "--store", url, "--trial", "1")
+    assert "trial 1 enqueued again, from the start" in result.stderr  # a complete trial runs afresh
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.user_attrs.get(RESUMES), t.user_attrs.get(RESUME_FROM)) for t in waiting] == [
+        (0, "/c/0"), (2, "/c/2"), (1, None)]
+    for args, message in ((["--trial", "9"], "no trial 9"), ([], "give --failed or --trial N"),
+                          (["--failed", "--trial", "1"], "give --failed or --trial N")):
+        result = sweeper("retry", "--store", url, *args)
+        assert result.exit_code == 2 and message in result.output
+
+
+def test_sigterm_checkpoints_and_hands_the_trial_over_and_the_next_worker_resumes_it(tmp_path, spec_table):
+    import tomli_w
+
+    spec_table["n_trials"] = 1
+    (tmp_path / "sweep.toml").write_text(tomli_w.dumps(spec_table))
+    url = f"journal:///{tmp_path / 's.log'}"
+    assert sweeper("init", tmp_path / "sweep.toml", "--store", url).exit_code == 0
+    env = {**os.environ, "FAST_TRAINER_STEP_S": "0.3"}
+    args = [sys.executable, str(TESTS / "fast_trainer.py"), "--store", url, "--checkpoint-root", str(tmp_path / "c")]
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    progress = tmp_path / "c" / "demo" / "trial-0000" / "progress"
+    deadline = time.monotonic() + 60
+    while not (progress.exists() and progress.read_text() >= "3") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    out = first.communicate(timeout=30)[0]
+    assert first.returncode == 0, out
+    assert "stops: SIGTERM received" in out
+    trials = optuna.load_study(study_name="demo", storage=open_storage(url)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["result"]["fail_reason"] == "preempted: SIGTERM received"
+    stopped_at = int(progress.read_text())
+
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0, second.stderr
+    trials = optuna.load_study(study_name="demo", storage=open_storage(url)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["result"]["resumed_from_step"] == stopped_at  # not one step redone
