@@ -1,8 +1,8 @@
 """Benchmark: what the gsheets:// store costs in Sheets requests, against the local fake (tests/sheets_server.py).
 
 1. Requests per completed trial. W worker processes run T trials each, the way runner/worker.py does
-   (ask with learning_rate and batch_size, a "worker" attr, E reports with should_prune, a "result" attr,
-   tell) plus update_views at trial start, after each report and at the end, all under ONE shared
+   (ask with learning_rate and batch_size, a "worker" attr, the lease's heartbeat every 60 s from its thread,
+   E reports with should_prune, a "result" attr, tell) plus update_views at trial start, after each report and at the end, all under ONE shared
    service account; the notebooks start a fraction of a trial apart, as people start them. Time runs
    1/scale times faster than real (a 10-minute trial lasts 600*scale s; sync_s, settle_s, views_s,
    heartbeat_s, latency and the quota window are scaled alike), so the counts are those of real time.
@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from sheets_server import FakeSheets  # noqa: E402
 
+from sweeper.leases import Heartbeat  # noqa: E402
 from sweeper.storage import open_storage  # noqa: E402
 from sweeper.storage.gsheets import JOURNAL, JOURNAL_HEADER, backend_of, update_views  # noqa: E402
 
@@ -79,6 +80,7 @@ def worker(url: str, env: dict[str, str], index: int, workers: int, trials: int,
         trial.suggest_categorical("batch_size", [8, 16, 32])
         trial.set_user_attr("worker", {"id": info["worker"], "account": info["account"], "platform": "colab",
                                        "gpu": "Tesla T4"})
+        heartbeat = Heartbeat(storage, trial._trial_id, {"worker": info["worker"]}, trial_s * 60 / TRIAL_S)  # 60 s
         update_views(storage, study, {**info, "trial": trial.number})
         loss, pruned = 2.5, False
         for k in range(1, evals + 1):
@@ -90,6 +92,7 @@ def worker(url: str, env: dict[str, str], index: int, workers: int, trials: int,
             update_views(storage, study, {**info, "trial": trial.number})
             if pruned:
                 break
+        heartbeat.stop()
         trial.set_user_attr("result", {"wall_time_s": trial_s, "tokens_per_s": 1234.5, "steps": 100})
         study.tell(trial, None if pruned else loss, state=TrialState.PRUNED if pruned else TrialState.COMPLETE)
         update_views(storage, study, {**info, "trial": None})

@@ -172,7 +172,7 @@ def main() -> None:
                "memory_ratio": ours["peak_mem_mb"] / baseline["peak_mem_mb"] if cuda else None}
     for run in (baseline, ours):
         run["mfu"] = 4 * n * run["tokens_per_s"] / peak if peak else None
-    print(f"| run | tokens/s | peak MiB | micro-batch | steps | MFU |\n|---|---|---|---|---|---|")
+    print("| run | tokens/s | peak MiB | micro-batch | steps | MFU |\n|---|---|---|---|---|---|")
     for name, run in (("baseline (HF Trainer, padded, GC on)", baseline), ("sweeper runner (packed)", ours)):
         mfu = f"{run['mfu']:.1%}" if run["mfu"] else "n/a"
         print(f"| {name} | {run['tokens_per_s']:,.0f} | {run['peak_mem_mb']:,.0f} | {run['micro_batch']} | {run['steps']} | {mfu} |")

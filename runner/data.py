@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeper.errors import UserError
+from sweeper.errors import UserError, first_line
 from sweeper.spec import DataSpec
 
 IGNORE = -100  # label value the loss skips
@@ -54,7 +54,7 @@ def load_records(data: DataSpec) -> list[dict[str, Any]]:
     try:
         return list(datasets.load_dataset(name, config or None, split=data.split))
     except Exception as e:  # hub, network and format errors all end the same way for the user
-        raise UserError(f"cannot load dataset {data.source!r} split {data.split!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load dataset {data.source!r} split {data.split!r}: {first_line(e)}") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

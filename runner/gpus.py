@@ -11,8 +11,10 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
+from typing import IO
 
 from runner.worker import WorkerSummary, run_worker
 from sweeper.errors import SweeperError
@@ -53,6 +55,7 @@ def run_workers_per_gpu(store: str, study: str | None = None, *, per_gpu: bool =
     args = worker_args(study, max_trials, account, checkpoint_root, deadline_hours, precision)
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     procs: dict[str, subprocess.Popen] = {}
+    outputs: dict[str, IO[str]] = {}
 
     def pump(gpu: str, stream) -> None:
         for line in stream:
@@ -62,8 +65,10 @@ def run_workers_per_gpu(store: str, study: str | None = None, *, per_gpu: bool =
     try:
         for gpu in gpus:
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "SWEEPER_STORE": store, "PYTHONUNBUFFERED": "1"}
+            # stdout (the summary line) to a file: a pipe nobody reads until the end could fill and block the worker
+            outputs[gpu] = tempfile.TemporaryFile("w+")
             procs[gpu] = subprocess.Popen(WORKER_COMMAND + args, env=env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                          stdout=outputs[gpu], stderr=subprocess.PIPE)
             threading.Thread(target=pump, args=(gpu, procs[gpu].stderr), daemon=True).start()
         log(f"{len(gpus)} workers, one per GPU ({', '.join(gpus)})")
         streams = len(procs)
@@ -75,16 +80,25 @@ def run_workers_per_gpu(store: str, study: str | None = None, *, per_gpu: bool =
                 log(f"[gpu {gpu}] {line.rstrip()}")
         summaries, failed = [], []
         for gpu, proc in procs.items():
-            out = proc.stdout.read()
-            if proc.wait() != 0:
+            proc.wait()
+            outputs[gpu].seek(0)
+            try:
+                summary = json.loads(outputs[gpu].read().strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                summary = None
+            if proc.returncode != 0 or summary is None:
                 failed.append(f"GPU {gpu} (exit {proc.returncode})")
                 continue
-            summary = json.loads(out.strip().splitlines()[-1])
             summaries.append(WorkerSummary(summary["worker"], summary["trials"], summary["stop_reason"]))
     finally:
         for proc in procs.values():
             if proc.poll() is None:
-                proc.terminate()
+                proc.terminate()  # SIGTERM: each worker checkpoints and hands its trial over
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     if failed:
         raise SweeperError(f"the worker on {', '.join(failed)} failed; its last lines are above")
     return summaries

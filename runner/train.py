@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from runner import data as D
-from sweeper.errors import SweeperError
+from sweeper.errors import SweeperError, first_line
 from sweeper.spec import SweepSpec, TrainSpec
 
 CPU_MAX_MICRO_BATCH = 8  # on the CPU memory is no limit; this keeps a step's latency modest
@@ -85,7 +85,7 @@ def prepare_data(spec: SweepSpec) -> SweepData:
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model.id)
     except OSError as e:
-        raise SweeperError(f"cannot load the tokenizer of {spec.model.id!r}: {str(e).splitlines()[0]}") from None
+        raise SweeperError(f"cannot load the tokenizer of {spec.model.id!r}: {first_line(e)}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seq_len, seed = spec.model.max_seq_len, spec.train.seed
     docs = D.tokenize(D.load_records(spec.data), tokenizer, spec.data, seq_len)
@@ -122,7 +122,7 @@ def load_model(spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: tor
         model = AutoModelForCausalLM.from_pretrained(spec.model.id, quantization_config=quant, dtype=dtype,
                                                      device_map={"": device}, attn_implementation="sdpa")
     except (OSError, ValueError) as e:  # a missing folder or file; a config transformers does not know
-        raise SweeperError(f"cannot load model {spec.model.id!r}: {str(e).splitlines()[0]}") from None
+        raise SweeperError(f"cannot load model {spec.model.id!r}: {first_line(e)}") from None
     model.config.use_cache = False  # a KV cache also turns off the packed-sequence masking
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.model.gradient_checkpointing)

@@ -4,6 +4,7 @@ SIGTERM, Ctrl-C) checkpoints and hands the trial over to be resumed."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import statistics
@@ -21,8 +22,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from runner.platform import Platform, detect
-from sweeper.errors import SweeperError
-from sweeper.leases import RESUME_FROM, Heartbeat, Watcher, hand_over, take_over_stale
+from sweeper.errors import SweeperError, first_line
+from sweeper.leases import RESUME_FROM, RESUMES, Heartbeat, Watcher, hand_over, take_over_stale, trial_key
 from sweeper.spec import SweepSpec
 from sweeper.storage.drive import DriveStorage, drop_lost_claim, shard_name
 from sweeper.storage.gsheets import JournalChanged, update_views
@@ -52,11 +53,26 @@ def estimated_trial_seconds(study: optuna.Study, gpu: str) -> float | None:
     return statistics.median(times) if times else None
 
 
-def _budget(study: optuna.Study, spec: SweepSpec) -> tuple[int, int]:
-    """(finished: complete or pruned, running) trials; failed ones do not count."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    running = sum(t.state == TrialState.RUNNING for t in trials)
-    return len(trials) - running, running
+def _budget(study: optuna.Study, spec: SweepSpec) -> tuple[int, int, int]:
+    """(finished: complete or pruned, running, waiting resumes) trials. Failed ones do not count; a resume
+    waiting to run holds the place in the budget of the trial it continues."""
+    finished = running = resumes = 0
+    for t in study.get_trials(deepcopy=False):
+        finished += t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        running += t.state == TrialState.RUNNING
+        resumes += t.state == TrialState.WAITING and RESUMES in t.user_attrs
+    return finished, running, resumes
+
+
+def _surplus(study: optuna.Study, spec: SweepSpec, trial: optuna.Trial) -> bool:
+    """Whether trials started before ours already fill the budget: workers that asked at the same moment
+    each saw room for one more. The lower trial numbers keep their places."""
+    if RESUMES in trial.user_attrs:
+        return False  # it holds the place of the trial it continues
+    taken = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                or (t.state == TrialState.RUNNING and t.number < trial.number)
+                or (t.state == TrialState.WAITING and RESUMES in t.user_attrs) for t in study.get_trials(deepcopy=False))
+    return taken >= spec.n_trials
 
 
 def _stop_reason(study, spec, platform: Platform, ran: int, max_trials: int | None, stop: StopRequest) -> str | None:
@@ -108,6 +124,12 @@ def _tell_failed(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     study.tell(trial, state=TrialState.FAIL)
 
 
+def _trial_folder(study: optuna.Study, trial: optuna.Trial) -> str:
+    """trial-0012; on a drive store, where numbers are each worker's own, the trial's origin: trial-ana-1a2b3c4d-3."""
+    key = trial_key(study._storage.get_trial(trial._trial_id))
+    return f"trial-{key:04d}" if isinstance(key, int) else "trial-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", key)
+
+
 def _resume_into(trial_dir: Path, resume_from: str, log: Callable[[str], None]) -> None:
     """Copy the checkpoints of the trial this one continues into its folder, for the trainer to resume from."""
     source = Path(resume_from)
@@ -143,7 +165,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
 
     failures_in_a_row = 0
     gpu_seconds = 0.0
-    watcher = Watcher(spec.heartbeat_s)
+    watcher = Watcher(spec.heartbeat_s, lag_s=getattr(optuna_study._storage, "lag_s", 0.0))  # drive: Drive's lag
     stop = StopRequest(platform)
     lease = {"worker": summary.worker_id, "account": platform.account, "platform": platform.name}
     waiting_logged = False
@@ -161,8 +183,8 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 summary.took_over += take_over_stale(optuna_study, watcher, log)
                 if (reason := _stop_reason(optuna_study, spec, platform, len(summary.trials), max_trials, stop)) is not None:
                     break
-                finished, running = _budget(optuna_study, spec)
-                if finished + running >= spec.n_trials:  # the rest is running elsewhere: watch it finish or go stale
+                finished, running, resumes = _budget(optuna_study, spec)
+                if not resumes and finished + running >= spec.n_trials:  # the rest runs elsewhere: watch it finish
                     if not waiting_logged:
                         log(f"waiting: {running} trials of other workers are running to finish the budget")
                         waiting_logged = True
@@ -171,6 +193,13 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 waiting_logged = False
                 trial = optuna_study.ask()
                 params = suggest(trial, spec)
+                if _surplus(optuna_study, spec, trial):
+                    _tell_failed(optuna_study, trial, "surplus: other workers started the budget's last trials at once")
+                    log(f"trial {trial.number} is one too many: other workers started the budget's last trials; "
+                        "watching them instead")
+                    trial = None
+                    time.sleep(min(spec.heartbeat_s, 30))  # let the store show us what the others started
+                    continue
                 trial.set_user_attr("worker", {"id": summary.worker_id, "account": platform.account,
                                                "platform": platform.name, "gpu": platform.gpu_name})
                 summary.trials.append(trial.number)
@@ -184,17 +213,18 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     views(trial.number)
                     return trial.should_prune()
 
-                trial_dir = platform.checkpoint_root / study / f"trial-{trial.number:04d}"
-                if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
-                    _resume_into(trial_dir, resume_from, log)
+                trial_dir = platform.checkpoint_root / study / _trial_folder(optuna_study, trial)
                 heartbeat = Heartbeat(optuna_study._storage, trial._trial_id, {**lease, "checkpoint": str(trial_dir)},
                                       spec.heartbeat_s, log)
                 try:
+                    if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
+                        _resume_into(trial_dir, resume_from, log)
                     result = run_trial(spec, params, trial_dir, sweep_data, report, precision=precision, log=log, stop=stop)
                 except Preempted as e:
                     heartbeat.stop()
                     frozen = optuna_study._storage.get_trial(trial._trial_id)
-                    hand_over(optuna_study, frozen, f"preempted: {e.reason}", str(trial_dir))
+                    hand_over(optuna_study, frozen, {"result": {"fail_reason": f"preempted: {e.reason}",
+                                                                "checkpoint": str(trial_dir)}}, str(trial_dir))
                     log(f"trial {trial.number} preempted ({e.reason}): checkpoint {e.checkpoint} written, "
                         "trial handed over to be resumed")
                     trial = None
@@ -205,8 +235,8 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     _tell_failed(optuna_study, trial, f"claim lost: {e}")
                     log(f"trial {trial.number} stops: {e}")
                     continue
-                except (SweeperError, RuntimeError, ValueError, OSError) as e:
-                    reason_text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                except Exception as e:  # whatever the trainer raised fails this trial, in one line, not the worker
+                    reason_text = f"{type(e).__name__}: {first_line(e)}"
                     _tell_failed(optuna_study, trial, reason_text)
                     log(f"trial {trial.number} failed: {reason_text}")
                     failures_in_a_row += 1

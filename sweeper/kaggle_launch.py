@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import notebook
-from sweeper.errors import SweeperError, UserError
+from sweeper.errors import SweeperError, UserError, first_line
 
 # machine_shape values the Kaggle API takes (kagglesdk's ApiSaveKernelRequest docs; kaggle-cli docs/kernels.md):
 # NvidiaTeslaT4 is the editor's "GPU T4 x2" (there is no single-T4 shape). Kaggle's torch has no P100 (sm_60) kernels.
@@ -88,7 +88,8 @@ def _call(what: str, fn: Callable[[], Any], secrets: Callable[[], list[str]] = l
 def _http_error(what: str, response, secrets: list[str]) -> SweeperError:
     status = response.status_code
     try:
-        message = str(response.json().get("message", ""))
+        body = response.json()
+        message = str(body.get("message", "")) if isinstance(body, dict) else str(body)
     except ValueError:
         message = response.text
     detail = f"HTTP {status}" + (f": {_mask(message.splitlines()[0][:200], secrets)}" if message.strip() else "")
@@ -107,8 +108,7 @@ def _http_error(what: str, response, secrets: list[str]) -> SweeperError:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    return first_line(error)[:300]
 
 
 def _mask(text: str, secrets: list[str]) -> str:
@@ -193,7 +193,7 @@ def status(study: str) -> str:
     api, username = _api()
     ref = f"{username}/{kernel_slug(study)[1]}"
     response = _call(f"reading the status of {ref}", lambda: _kernel_status(api, ref), lambda: _secrets(api))
-    line = f"{ref}: {response.status.name.lower()}"
+    line = f"{ref}: {response.status.name.lower() if response.status is not None else 'no run yet'}"
     if response.failure_message:
         line += f": {_mask(response.failure_message.splitlines()[0], _secrets(api))}"
     return line + f" (https://www.kaggle.com/code/{ref})"

@@ -24,12 +24,14 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.errors import UserError
+from sweeper.errors import UserError, first_line
 
 LEASE = "sweeper:lease"
 RESUMES = "resumes"  # user attr: the key (trial_key) of the trial this one continues
 RESUME_FROM = "resume_from"  # user attr: the checkpoint folder to resume from
+STALE_REASON = "stale_reason"  # user attr on a trial failed by a takeover
 GRACE_BEATS = 3
+NOT_RETRIED = ("surplus:", "claim lost:")  # failures that lost nothing: another trial holds the place
 
 
 def trial_key(trial: FrozenTrial) -> int | str:
@@ -57,7 +59,7 @@ class Heartbeat:
         except UpdateFinishedTrialError:
             return False  # finished, here or by a takeover: nothing left to keep alive
         except Exception as e:  # a store hiccup must not kill the trial; the next beat tries again
-            self.log(f"heartbeat failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            self.log(f"heartbeat failed: {type(e).__name__}: {first_line(e)}")
         return True
 
     def _run(self) -> None:
@@ -71,10 +73,11 @@ class Heartbeat:
 
 
 class Watcher:
-    """Which running trials are stale, on this process's clock: beat unchanged for GRACE_BEATS x interval_s."""
+    """Which running trials are stale, on this process's clock: beat unchanged for GRACE_BEATS x interval_s, plus
+    the store's lag (a drive folder shows other workers' beats minutes late)."""
 
-    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
-        self.grace_s = GRACE_BEATS * interval_s
+    def __init__(self, interval_s: float, lag_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.grace_s = GRACE_BEATS * interval_s + lag_s  # lag_s: how late the store shows others' writes
         self.clock = clock
         self._seen: dict[int | str, tuple[Any, float]] = {}  # trial key -> (beat, when we saw it change)
 
@@ -94,12 +97,13 @@ class Watcher:
         return stale
 
 
-def hand_over(study: optuna.Study, trial: FrozenTrial, reason: str, checkpoint: str | None) -> int | None:
-    """Fail `trial` with `reason` and enqueue its params again, to resume from `checkpoint`. Returns the new
-    trial's id, or None when another worker finished or took the trial first (the store refuses our write)."""
+def hand_over(study: optuna.Study, trial: FrozenTrial, attrs: dict[str, Any], checkpoint: str | None) -> int | None:
+    """Fail `trial`, with user attrs saying why, and enqueue its params again, to resume from `checkpoint`. Returns
+    the new trial's id, or None when another worker finished or took the trial first (the store refuses)."""
     storage = study._storage
     try:
-        storage.set_trial_user_attr(trial._trial_id, "result", {"fail_reason": reason, "checkpoint": checkpoint or ""})
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
         if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
             return None
     except UpdateFinishedTrialError:
@@ -123,7 +127,9 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
     trials = study.get_trials(deepcopy=False)
     resumed = {t.user_attrs.get(RESUMES) for t in trials}
     if numbers is None:
-        chosen = [t for t in trials if t.state == TrialState.FAIL and trial_key(t) not in resumed]
+        chosen = [t for t in trials if t.state == TrialState.FAIL and trial_key(t) not in resumed
+                  and not t.user_attrs.get("result", {}).get("fail_reason", "").startswith(NOT_RETRIED)
+                  and not t.system_attrs.get("drive:claim_lost")]
     else:
         by_number = {t.number: t for t in trials}
         missing = [n for n in numbers if n not in by_number]
@@ -150,7 +156,8 @@ def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], 
         lease = trial.system_attrs.get(LEASE, {})
         reason = (f"stale: no heartbeat from worker {lease.get('worker', '?')} for {watcher.grace_s:.0f} s "
                   f"(taken over)")
-        if hand_over(study, trial, reason, lease.get("checkpoint")) is not None:
+        # Its own key, not "result": should the worker finish after all, its result must survive this write.
+        if hand_over(study, trial, {STALE_REASON: reason}, lease.get("checkpoint")) is not None:
             taken += 1
             log(f"trial {trial.number} was {reason}; enqueued to resume from {lease.get('checkpoint') or 'the start'}")
     return taken

@@ -62,7 +62,7 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         "user_attrs": dict(t.user_attrs),
-        "note": t.user_attrs.get("result", {}).get("fail_reason", ""),
+        "note": t.user_attrs.get("result", {}).get("fail_reason") or t.user_attrs.get("stale_reason", ""),
     }
 
 

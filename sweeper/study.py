@@ -16,7 +16,7 @@ from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from sweeper.errors import SweeperError, UserError
+from sweeper.errors import SweeperError, UserError, first_line
 from sweeper.spec import TUNABLE, SweepSpec, spec_from_dict
 from sweeper.storage import open_storage, redact, store_lock
 
@@ -110,7 +110,7 @@ def _store_errors(url: str) -> Iterator[None]:
     try:
         yield
     except (OSError, StorageInternalError, SQLAlchemyError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise SweeperError(f"store {redact(url)} failed: {first.replace(url, redact(url))}") from None
 
 

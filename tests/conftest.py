@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pg_server import postgres_url  # noqa: F401  (a real PostgreSQL server, session-wide)
+from pg_server import pg_store, postgres_url  # noqa: F401  (a real PostgreSQL server, session-wide)
 
 if sys.version_info >= (3, 11):
     import tomllib

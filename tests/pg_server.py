@@ -11,6 +11,7 @@ initdb refuses to run as root: as root, the server runs as the `postgres` system
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -18,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +145,16 @@ def postgres_url() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def pg_store(postgres_url: str) -> str:
+    """A fresh, empty database on the session's server, as a bare postgresql:// store URL with a password."""
+    import psycopg2
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with contextlib.closing(psycopg2.connect(postgres_url)) as conn:
+        conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+    return f"{postgres_url.rsplit('/', 1)[0]}/{name}"

@@ -97,7 +97,7 @@ def test_racing_claims_pick_one_winner_and_the_loser_stops(tmp_path):
     shutil.copy(late / "a.db", shared / "a.db")
     assert w_a._storage.drop_lost_claim(ta._trial_id) is None  # a < b: a wins on both sides
     reason = w_b._storage.drop_lost_claim(tb._trial_id)
-    assert reason == "enqueued point laptop#0 is also claimed by worker a, which wins"
+    assert reason == "enqueued point laptop#0 is also taken by worker a, which wins"
     w_b.tell(tb, state=TrialState.FAIL)
     w_a.tell(ta, 2.0)
     shutil.copy(shared / "b.db", late / "b.db")
@@ -118,7 +118,7 @@ def test_a_finished_claim_wins_over_a_lower_id(tmp_path):
     w_a = optuna.load_study(study_name="s", storage=drive(late, "a"))
     ta = w_a.ask()
     shutil.copy(shared / "z.db", late / "z.db")
-    assert "claimed by worker z" in w_a._storage.drop_lost_claim(ta._trial_id)
+    assert "taken by worker z" in w_a._storage.drop_lost_claim(ta._trial_id)
 
 
 def test_claims_that_both_finished_are_marked_in_the_report(tmp_path, spec_toml):

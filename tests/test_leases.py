@@ -71,11 +71,11 @@ def test_two_workers_taking_over_one_trial_enqueue_one_resume(store_url):
     trial = running_trial(mine, beat=1)
     takers = [optuna.load_study(study_name="s", storage=open_storage(store_url)) for _ in range(2)]
     frozen = [taker._storage.get_trial(trial._trial_id) for taker in takers]  # both judged it stale
-    results = [hand_over(taker, t, "stale: test", "/ckpt/trial-0000") for taker, t in zip(takers, frozen)]
+    results = [hand_over(taker, t, {"stale_reason": "stale: test"}, "/ckpt/trial-0000") for taker, t in zip(takers, frozen)]
     assert sum(r is not None for r in results) == 1
     trials = optuna.load_study(study_name="s", storage=open_storage(store_url)).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert trials[0].user_attrs["result"]["fail_reason"] == "stale: test"
+    assert trials[0].user_attrs["stale_reason"] == "stale: test"
     assert trials[1].user_attrs == {RESUMES: 0, RESUME_FROM: "/ckpt/trial-0000"}
     assert trials[1].system_attrs["fixed_params"] == trials[0].params
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # the old worker's next write is refused

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import signal
 import threading
-import uuid
 
 import optuna
 import psycopg2
@@ -37,16 +36,6 @@ def no_store_from_the_environment(monkeypatch):
     monkeypatch.delenv("SWEEPER_STORE", raising=False)
     monkeypatch.delenv("SWEEPER_STUDY", raising=False)
 
-
-@pytest.fixture
-def pg_store(postgres_url: str) -> str:
-    """A fresh, empty database on the session's server, as a bare postgresql:// store URL with a password."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with contextlib.closing(psycopg2.connect(postgres_url)) as conn:
-        conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name}")
-    return f"{postgres_url.rsplit('/', 1)[0]}/{name}"
 
 
 def sql(url: str, query: str) -> list[tuple]:

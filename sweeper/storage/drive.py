@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 import zlib
+from datetime import datetime
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,16 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.pool import NullPool
 
-from sweeper.errors import SweeperError, UserError
+from sweeper.errors import SweeperError, UserError, first_line
+from sweeper.leases import RESUMES
 from sweeper.storage import Backend, register
 
 ORIGIN = "drive:origin"  # "<shard id>#<trial number in that shard>": where a trial's record lives
 CLAIM = "drive:claim"  # on a trial run for an enqueued point: the point's origin
 LOST = "drive:claim_lost"  # on a claim that lost to another worker's claim on the same point
+OVERRIDE = "drive:override:"  # + origin: a study system attr in the shard of a worker that took that trial over
+RESUME_KEY = "resume:"  # + origin: what every resume of a taken-over trial claims, so that one runs
+FINISHED_OK = (TrialState.COMPLETE, TrialState.PRUNED)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,13 @@ def _shard_of(origin: str) -> str:
     return origin.rpartition("#")[0]
 
 
+def _point_key(trial: FrozenTrial, origin: str | None = None) -> str:
+    """What claims on an enqueued point name: a resume, the trial it continues (of several workers' resumes of
+    one stale trial, one runs); any other point, its own origin."""
+    resumes = trial.user_attrs.get(RESUMES)
+    return f"{RESUME_KEY}{resumes}" if resumes is not None else (origin or trial.system_attrs[ORIGIN])
+
+
 class DriveStorage(InMemoryStorage):
     """The merged view of a drive folder's shards; writes go to this process's own shard."""
 
@@ -82,6 +94,7 @@ class DriveStorage(InMemoryStorage):
         self.folder = folder
         self.sync_s = _seconds("SWEEPER_DRIVE_SYNC_S", 5) if sync_s is None else sync_s
         self.settle_s = _seconds("SWEEPER_DRIVE_SETTLE_S", 30) if settle_s is None else settle_s
+        self.lag_s = _seconds("SWEEPER_DRIVE_LAG_S", 300)  # how late Drive may show a write: added to leases' grace
         self.shard_id: str | None = None  # may be set before the first write; else made up then
         self._shard: RDBStorage | None = None
         self._shard_path: Path | None = None
@@ -89,7 +102,9 @@ class DriveStorage(InMemoryStorage):
         self._created_studies: set[int] = set()  # view study ids this process created
         self._own: dict[int, int] = {}  # view trial id -> shard trial id
         self._origin: dict[str, int | None] = {}  # foreign origin -> view trial id (None: slot given away)
-        self._seen: dict[str, tuple[int, int]] = {}  # shard file -> (mtime_ns, size) last read
+        self._seen: dict[str, tuple[int, int, int]] = {}  # shard file -> (mtime_ns, size, inode) last read
+        self._overrides: dict[str, dict[str, Any]] = {}  # origin -> another worker's takeover of it
+        self._my_overrides: dict[str, dict[str, Any]] = {}  # origin -> our takeover of it
         self._synced_at = -float("inf")
         self._read_dir = tempfile.TemporaryDirectory(prefix="sweeper-shards-")
         self._readers: dict[str, RDBStorage] = {}  # shard file -> reader of our copy of it
@@ -112,7 +127,7 @@ class DriveStorage(InMemoryStorage):
                     stat = path.stat()
                 except FileNotFoundError:
                     continue
-                key = (stat.st_mtime_ns, stat.st_size)
+                key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)  # a publish is a rename: a new inode
                 if self._seen.get(path.name) == key:
                     continue
                 self._seen[path.name] = key
@@ -120,6 +135,9 @@ class DriveStorage(InMemoryStorage):
                     view_study = self._view_study(study)
                     for trial in trials:
                         self._merge(view_study, f"{path.stem}#{trial.number}", trial)
+                    self._overrides.update({k[len(OVERRIDE):]: v for k, v in study.system_attrs.items()
+                                            if k.startswith(OVERRIDE)})
+            self._apply_overrides()
 
     def _read_shard(self, path: Path) -> list[tuple[Any, list[FrozenTrial]]]:
         """Every study and trial in one shard, read from a private copy (Drive may replace the file meanwhile);
@@ -139,8 +157,7 @@ class DriveStorage(InMemoryStorage):
         except FileNotFoundError:
             return []  # replaced or removed since listed: read it next time
         except Exception as e:  # sqlite, sqlalchemy and Optuna's schema check all fail differently
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            log.warning("skipping shard %s: %s", path, first)
+            log.warning("skipping shard %s: %s", path, first_line(e))
             self._readers.pop(path.name, None)
             return []
 
@@ -163,26 +180,33 @@ class DriveStorage(InMemoryStorage):
                 if trial.state == TrialState.WAITING:
                     return
                 self._origin[origin] = self._add(study_id, origin, trial)
-            elif slot not in self._own and not super().get_trial(slot).state.is_finished():
-                self._put(slot, origin, trial)
+            elif slot not in self._own:
+                seen = super().get_trial(slot).state
+                # A finished record never changes; but a takeover's FAIL gives way to the owner's own result.
+                if not seen.is_finished() or (seen == TrialState.FAIL and trial.state in FINISHED_OK):
+                    self._put(slot, origin, trial)
             return
         point = trial.system_attrs.get(CLAIM)
-        slot = self._point_slot(point) if point else None
-        if slot is not None and super().get_trial(slot).state == TrialState.WAITING \
-                and CLAIM not in super().get_trial(slot).system_attrs:
-            self._origin[point] = None  # the first claim seen takes the point's place in the view
-            self._origin[origin] = slot
+        slot = self._point_slot(study_id, point) if point else None
+        if slot is not None:
+            self._origin[super().get_trial(slot).system_attrs[ORIGIN]] = None  # the first claim seen takes
+            self._origin[origin] = slot  # the point's place in the view
             self._own.pop(slot, None)  # our own point: it stays WAITING in our shard, like any point
             self._put(slot, origin, trial)
-        elif trial.state == TrialState.WAITING and point is None and self._claimants(study_id, origin):
+        elif trial.state == TrialState.WAITING and point is None and self._claimants(study_id, _point_key(trial, origin)):
             self._origin[origin] = None  # a point whose claim we already see
         else:
             self._origin[origin] = self._add(study_id, origin, trial)
 
-    def _point_slot(self, point: str) -> int | None:
-        if _shard_of(point) != self.shard_id:
-            return self._origin.get(point)
-        return next((slot for slot in self._own if super(DriveStorage, self).get_trial(slot).system_attrs.get(ORIGIN) == point), None)
+    def _point_slot(self, study_id: int, key: str) -> int | None:
+        """The view's slot of an unclaimed point that claims named `key` take."""
+        return next((t._trial_id for t in super().get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+                     if CLAIM not in t.system_attrs and _point_key(t) == key), None)
+
+    def _slot_of(self, origin: str) -> int | None:
+        if _shard_of(origin) != self.shard_id:
+            return self._origin.get(origin)
+        return next((slot for slot in self._own if super().get_trial(slot).system_attrs.get(ORIGIN) == origin), None)
 
     def _add(self, study_id: int, origin: str, trial: FrozenTrial) -> int:
         trial = copy.copy(trial)
@@ -212,6 +236,10 @@ class DriveStorage(InMemoryStorage):
         if point is None:
             return None
         study_id = self._trial_id_to_study_id_and_number[trial_id][0]
+        if point.startswith(RESUME_KEY):  # the trial a resume continues finished after all: it wins
+            original = self._slot_of(point[len(RESUME_KEY):])
+            if original is not None and super().get_trial(original).state in FINISHED_OK:
+                return super().get_trial(original)
         claimants = self._claimants(study_id, point) or [trial]
         return min(claimants, key=lambda t: (not t.state.is_finished(), _shard_of(t.system_attrs[ORIGIN])))
 
@@ -220,7 +248,7 @@ class DriveStorage(InMemoryStorage):
         if winner is None or winner._trial_id == trial_id:
             return None
         point = self.get_trial(trial_id).system_attrs[CLAIM]
-        return f"enqueued point {point} is also claimed by worker {_shard_of(winner.system_attrs[ORIGIN])}, which wins"
+        return f"enqueued point {point} is also taken by worker {_shard_of(winner.system_attrs[ORIGIN])}, which wins"
 
     def drop_lost_claim(self, trial_id: int) -> str | None:
         """Re-read the folder (if sync_s passed); if another worker's claim on this trial's point wins, mark ours LOST and
@@ -231,18 +259,24 @@ class DriveStorage(InMemoryStorage):
             self.set_trial_system_attr(trial_id, LOST, True)
         return reason
 
+    def _claimable(self, trial_id: int) -> str | None:
+        """The key claims on this waiting trial name, or None if it is a claim itself or someone claimed it."""
+        trial = super().get_trial(trial_id)
+        point = _point_key(trial)
+        study_id = self._trial_id_to_study_id_and_number[trial_id][0]
+        return None if CLAIM in trial.system_attrs or self._claimants(study_id, point) else point
+
     def _claim(self, trial_id: int) -> bool:
-        """Optuna's ask popping a point: run it as our claim, if no other claim beats ours after settle_s."""
+        """Optuna's ask popping another worker's point: run it as our claim, if no other claim beats ours after
+        settle_s. The claim is RUNNING from the start, so a worker dying while it settles is taken over."""
+        point = self._claimable(trial_id)
+        if point is None:
+            return False
         point_trial = super().get_trial(trial_id)
         study_id = self._trial_id_to_study_id_and_number[trial_id][0]
-        point = point_trial.system_attrs.get(ORIGIN) or self._own_origin(trial_id)
-        if point_trial.system_attrs.get(CLAIM) is not None or self._claimants(study_id, point):
-            return False  # a claim itself, or a point someone already claimed
-        if trial_id in self._own:  # our own point: popping it is the claim, nothing to wait for
-            self.set_trial_system_attr(trial_id, CLAIM, point)
-            return True
-        self._origin[point] = None
+        self._origin[point_trial.system_attrs[ORIGIN]] = None
         claim = copy.copy(point_trial)
+        claim.state, claim.datetime_start = TrialState.RUNNING, datetime.now()
         claim.system_attrs = {k: v for k, v in point_trial.system_attrs.items() if k != ORIGIN} | {CLAIM: point}
         self._own[trial_id] = self._shard_storage().create_new_trial(self._shard_study_id(study_id), template_trial=claim)
         self._set_trial(trial_id, claim)
@@ -250,7 +284,8 @@ class DriveStorage(InMemoryStorage):
         self._publish()
         time.sleep(self.settle_s)
         self.sync()
-        if self.drop_lost_claim(trial_id) is not None:
+        if (reason := self.drop_lost_claim(trial_id)) is not None:
+            self.set_trial_user_attr(trial_id, "result", {"fail_reason": f"claim lost: {reason}"})  # as report.py reads
             self.set_trial_state_values(trial_id, TrialState.FAIL)
             return False
         return True
@@ -292,14 +327,16 @@ class DriveStorage(InMemoryStorage):
         assert self._shard_path is not None
         target = self.folder / self._shard_path.name
         temp = self.folder / f".{self._shard_path.name}.{uuid.uuid4().hex[:6]}.tmp"
+        snapshot = self._shard_path.with_suffix(".snapshot")  # SQLite works on local disk only, never on the mount
         try:
             self.folder.mkdir(exist_ok=True)
-            source, copy_to = sqlite3.connect(self._shard_path), sqlite3.connect(temp)
+            source, copy_to = sqlite3.connect(self._shard_path), sqlite3.connect(snapshot)
             try:
                 source.backup(copy_to)
             finally:
                 source.close()
                 copy_to.close()
+            shutil.copyfile(snapshot, temp)
             with open(temp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(temp, target)
@@ -310,10 +347,41 @@ class DriveStorage(InMemoryStorage):
     def _mirror(self, trial_id: int, method: str, *args: Any) -> None:
         """Apply a write made in the view to our shard's copy of the trial and publish it."""
         if trial_id not in self._own:
-            origin = super().get_trial(trial_id).system_attrs.get(ORIGIN, "?")
-            raise SweeperError(f"trial {origin} belongs to another worker's shard; only its worker writes it")
+            return self._override(trial_id, method, *args)
         getattr(self._shard_storage(), method)(self._own[trial_id], *args)
         self._publish()
+
+    def _override(self, trial_id: int, method: str, *args: Any) -> None:
+        """A write to another worker's trial: a takeover failing its stale trial, with the reason. Recorded in our
+        shard as a study system attr that every view applies; the trial's worker, if alive, fails it in its own
+        shard when it sees it. Should that worker finish the trial anyway, its result wins (_merge)."""
+        origin = super().get_trial(trial_id).system_attrs.get(ORIGIN, "?")
+        record = self._my_overrides.setdefault(origin, {"user_attrs": {}, "fail": False})
+        if method == "set_trial_user_attr":
+            record["user_attrs"][args[0]] = args[1]
+        elif method == "set_trial_state_values" and args[0] == TrialState.FAIL:
+            record["fail"] = True
+        else:
+            raise SweeperError(f"trial {origin} belongs to another worker's shard; only its worker writes it")
+        study_id = self._trial_id_to_study_id_and_number[trial_id][0]
+        self._shard_storage().set_study_system_attr(self._shard_study_id(study_id), OVERRIDE + origin, record)
+        self._publish()
+
+    def _apply_overrides(self) -> None:
+        for origin, record in self._overrides.items():
+            slot = self._slot_of(origin)
+            if slot is None or super().get_trial(slot).state != TrialState.RUNNING:
+                continue
+            if slot in self._own:  # our trial was taken over (we stalled past the grace): fail it in our shard
+                for key, value in record["user_attrs"].items():
+                    self.set_trial_user_attr(slot, key, value)
+                if record["fail"]:
+                    self.set_trial_state_values(slot, TrialState.FAIL)
+            else:
+                for key, value in record["user_attrs"].items():
+                    super().set_trial_user_attr(slot, key, value)
+                if record["fail"]:
+                    super().set_trial_state_values(slot, TrialState.FAIL)
 
     # -- the BaseStorage writes -------------------------------------------------------------------
 
@@ -363,9 +431,12 @@ class DriveStorage(InMemoryStorage):
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         with self._lock:
-            trial = super().get_trial(trial_id)
-            if state == TrialState.RUNNING and trial.state == TrialState.WAITING and not self._claim(trial_id):
-                return False
+            if state == TrialState.RUNNING and super().get_trial(trial_id).state == TrialState.WAITING:
+                if trial_id not in self._own:
+                    return self._claim(trial_id)
+                if (point := self._claimable(trial_id)) is None:
+                    return False
+                self.set_trial_system_attr(trial_id, CLAIM, point)  # our own point: popping it is the claim
             if not super().set_trial_state_values(trial_id, state, values):
                 return False
             self._mirror(trial_id, "set_trial_state_values", state, values)

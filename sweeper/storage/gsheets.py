@@ -13,8 +13,8 @@ serialized and have been seen to land on the same row; a timed-out append may ha
   settle_s earlier, or it is our own append, answered at least settle_s ago. Every row before such a
   row is final too: whatever could still land before it started before it was seen, and has landed.
 - Read-your-writes: append_logs returns only once its op is replayed. An op whose place matters
-  (create a study or trial, claim a waiting trial, study attrs) waits settle_s, is read back and replayed
-  in the sheet's order. An op on a trial (param, report, attr, finish) commutes with other workers' ops
+  (create a study or trial, claim a waiting trial, finish a trial, study attrs) waits settle_s, is read back
+  and replayed in the sheet's order. An op on a trial (param, report, attr) commutes with other workers' ops
   on other trials: once Sheets answers its append it is replayed at once, ahead of foreign rows still
   settling, and the next read checks that it is there; as each foreign row before it settles, it is
   checked to commute with it, and the reader fails loudly if not. Log numbers Optuna has seen never move.
@@ -399,11 +399,11 @@ def _parse_row(row: list[str], sheet_row: int, backend: SheetJournalBackend) -> 
 
 
 def _may_go_ahead(log: dict[str, Any]) -> bool:
-    """Ops on an existing trial that commute with other workers' ops on other trials."""
-    op = log.get("op_code")
-    if op in (Op.SET_TRIAL_PARAM, Op.SET_TRIAL_INTERMEDIATE_VALUE, Op.SET_TRIAL_USER_ATTR, Op.SET_TRIAL_SYSTEM_ATTR):
-        return True
-    return op == Op.SET_TRIAL_STATE_VALUES and TrialState(log["state"]).is_finished()
+    """Ops on an existing trial that commute with other workers' ops on other trials. A finish (tell, or a
+    takeover failing a stale trial) waits for its place: of two workers finishing one trial, the sheet's
+    order decides which did, the same for both (sweeper/leases.py relies on it)."""
+    return log.get("op_code") in (Op.SET_TRIAL_PARAM, Op.SET_TRIAL_INTERMEDIATE_VALUE, Op.SET_TRIAL_USER_ATTR,
+                                  Op.SET_TRIAL_SYSTEM_ATTR)
 
 
 def _commute(settled: dict[str, Any], mine: dict[str, Any]) -> bool:

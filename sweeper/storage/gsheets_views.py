@@ -34,17 +34,16 @@ def update_backend_views(backend, study: optuna.Study, worker_info: Mapping[str,
     """
     from sweeper.storage.gsheets import JournalChanged
 
-    with backend._lock:
-        if backend.views is None:
-            backend.views = SheetViews(backend)
-        try:
-            return backend.views.update(study, worker_info)
-        except (MayHaveLanded, SheetsUnavailable, SweeperError, APIError) as e:
-            # A view can wait for the next update (a protected tab, an outage); the journal cannot.
-            if isinstance(e, JournalChanged):
-                raise
-            backend.stats["views_failed"] += 1
-            return 0
+    if backend.views is None:
+        backend.views = SheetViews(backend)
+    try:
+        return backend.views.update(study, worker_info)
+    except (MayHaveLanded, SheetsUnavailable, SweeperError, APIError) as e:
+        # A view can wait for the next update (a protected tab, an outage); the journal cannot.
+        if isinstance(e, JournalChanged):
+            raise
+        backend.stats["views_failed"] += 1
+        return 0
 
 
 def trial_table(study: optuna.Study) -> list[list[Any]]:
@@ -101,14 +100,17 @@ class SheetViews:
         heartbeat = datetime.now(timezone.utc).isoformat(timespec="seconds")
         row = [heartbeat if k is None else v for k, v in zip(WORKER_KEYS, values)]
         table = trial_table(study) if trials_due else None
-        try:
-            made = self._write(row if row_due else None, table)
-        except APIError as e:
-            if e.code != 400 or "parse range" not in str(e).lower():
-                raise self.backend._api_error(e) from None
-            self.backend._prepare()  # a person deleted a view: add it back and write again
-            self._row, self._trials_height = None, 0
-            made = 1 + self._write(row if row_due else None, table)
+        # The backend's lock only around the writes: reading the study takes the storage's lock, which the
+        # heartbeat thread holds while it waits for this one (the other order deadlocks).
+        with self.backend._lock:
+            try:
+                made = self._write(row if row_due else None, table)
+            except APIError as e:
+                if e.code != 400 or "parse range" not in str(e).lower():
+                    raise self.backend._api_error(e) from None
+                self.backend._prepare()  # a person deleted a view: add it back and write again
+                self._row, self._trials_height = None, 0
+                made = 1 + self._write(row if row_due else None, table)
         if row_due:
             self._row_values, self._row_at = values, now
         if trials_due:

@@ -7,14 +7,13 @@ SQLite and file locks are not honoured on synced or network folders.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from sweeper.errors import SweeperError, UserError
+from sweeper.errors import SweeperError, UserError, first_line
 from sweeper.storage import Backend, register
 
 
@@ -46,7 +45,7 @@ def open_sqlite(url: str) -> RDBStorage:
         # A generous busy timeout: workers on one machine write at the same moments.
         return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     except Exception as e:  # sqlalchemy wraps every failure differently
-        raise SweeperError(f"cannot open sqlite store {path}: {str(e).splitlines()[0]}") from None
+        raise SweeperError(f"cannot open sqlite store {path}: {first_line(e)}") from None
 
 
 def open_journal(url: str) -> JournalStorage:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from optuna.storages import BaseStorage, GrpcStorageProxy, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalRedisBackend
 
-from sweeper.errors import SweeperError, UserError
+from sweeper.errors import SweeperError, UserError, first_line
 from sweeper.storage import Backend, redact, register
 
 DRIVERS = {"postgresql": "psycopg2-binary (pip install 'sweeper[postgres]')", "mysql": "PyMySQL",
@@ -23,7 +23,7 @@ DRIVERS = {"postgresql": "psycopg2-binary (pip install 'sweeper[postgres]')", "m
 
 
 def _first_line(e: Exception, url: str) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = first_line(e)
     return text.replace(url, redact(url))
 
 
