@@ -25,6 +25,7 @@ from runner.platform import Platform, detect
 from sweeper.errors import SweeperError, first_line
 from sweeper.leases import RESUME_FROM, RESUMES, Heartbeat, Watcher, hand_over, take_over_stale, trial_key
 from sweeper.spec import SweepSpec
+from sweeper.storage import lease_timing
 from sweeper.storage.drive import DriveStorage, drop_lost_claim, shard_name
 from sweeper.storage.gsheets import JournalChanged, update_views
 from sweeper.study import load_study, suggest
@@ -165,7 +166,8 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
 
     failures_in_a_row = 0
     gpu_seconds = 0.0
-    watcher = Watcher(spec.heartbeat_s, lag_s=getattr(optuna_study._storage, "lag_s", 0.0))  # drive: Drive's lag
+    heartbeat_s, lag_s = lease_timing(optuna_study._storage, spec.heartbeat_s)
+    watcher = Watcher(heartbeat_s, lag_s=lag_s)
     stop = StopRequest(platform)
     lease = {"worker": summary.worker_id, "account": platform.account, "platform": platform.name}
     waiting_logged = False
@@ -188,7 +190,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     if not waiting_logged:
                         log(f"waiting: {running} trials of other workers are running to finish the budget")
                         waiting_logged = True
-                    time.sleep(min(spec.heartbeat_s, 30))
+                    time.sleep(min(heartbeat_s, 30))
                     continue
                 waiting_logged = False
                 trial = optuna_study.ask()
@@ -198,7 +200,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     log(f"trial {trial.number} is one too many: other workers started the budget's last trials; "
                         "watching them instead")
                     trial = None
-                    time.sleep(min(spec.heartbeat_s, 30))  # let the store show us what the others started
+                    time.sleep(min(heartbeat_s, 30))  # let the store show us what the others started
                     continue
                 trial.set_user_attr("worker", {"id": summary.worker_id, "account": platform.account,
                                                "platform": platform.name, "gpu": platform.gpu_name})
@@ -215,7 +217,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
 
                 trial_dir = platform.checkpoint_root / study / _trial_folder(optuna_study, trial)
                 heartbeat = Heartbeat(optuna_study._storage, trial._trial_id, {**lease, "checkpoint": str(trial_dir)},
-                                      spec.heartbeat_s, log)
+                                      heartbeat_s, log)
                 try:
                     if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
                         _resume_into(trial_dir, resume_from, log)

@@ -59,6 +59,17 @@ def store_lock(url: str) -> ContextManager[None]:
     return backend.lock(url) if backend.lock else contextlib.nullcontext()
 
 
+def lease_timing(storage: BaseStorage, heartbeat_s: float) -> tuple[float, float]:
+    """(seconds between a running trial's heartbeats, how late other workers may see one) on this store: a sheet
+    beats no more often than its quota allows; a Drive folder shows a write minutes late."""
+    backend = gsheets.backend_of(storage)
+    if backend is not None:
+        return max(heartbeat_s, backend.settings.heartbeat_s), backend.settings.sync_s + backend.settings.settle_s
+    if isinstance(storage, drive.DriveStorage):
+        return heartbeat_s, storage.lag_s
+    return heartbeat_s, 0.0
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced, safe to print."""
     url = url or ""

@@ -48,7 +48,8 @@ class SheetSettings:
     views_s: float = 60.0
     """A worker rewrites the `trials` view at most this often."""
     heartbeat_s: float = 300.0
-    """A worker refreshes its `workers` row at least this often, when nothing else changed."""
+    """A worker refreshes its `workers` row at least this often, when nothing else changed; a running trial's
+    lease beats no more often than this either (each beat is a journal row, and the quota is the scarce thing)."""
 
     @classmethod
     def from_env(cls) -> SheetSettings:

@@ -51,7 +51,7 @@ def gsheets_store(monkeypatch):
         account = fake.add_service_account()
         env = worker_env(fake, account, SWEEPER_GSHEETS_SETTLE_S="0.1", SWEEPER_GSHEETS_TIMEOUT_S="0.3",
                          SWEEPER_GSHEETS_BACKOFF_S="0.05", SWEEPER_GSHEETS_BACKOFF_CAP_S="0.5",
-                         SWEEPER_GSHEETS_SYNC_S="0.2")
+                         SWEEPER_GSHEETS_SYNC_S="0.2", SWEEPER_GSHEETS_HEARTBEAT_S=str(HEARTBEAT_S))
         use(monkeypatch, env)
         yield f"gsheets://{fake.add_spreadsheet(editors=[account['client_email']])}", env, fake
 
