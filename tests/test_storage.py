@@ -131,6 +131,8 @@ def test_store_lock_is_a_usable_context_for_every_kind(store_url):
         ("postgresql://user@host/db", "postgresql://user@host/db"),
         ("grpc://host:50051", "grpc://host:50051"),
         ("sqlite:////tmp/a:b@c.db", "sqlite:////tmp/a:b@c.db"),
+        ("postgresql://u@h/db?sslmode=require&sslpassword=pw&password=x#f",
+         "postgresql://u@h/db?sslmode=require&sslpassword=***&password=***#f"),
         ("", ""),
     ],
 )

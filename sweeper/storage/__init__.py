@@ -74,7 +74,9 @@ def redact(url: str) -> str:
     """The URL with any password replaced, safe to print."""
     url = url or ""
     # user may be empty (redis://:pw@host); a malformed URL may lack its scheme (user:pw@host)
-    return re.sub(r"(://[^:/@]*:)[^@]*@" if "://" in url else r"^([^:/@]*:)[^@]*@", r"\1***@", url)
+    url = re.sub(r"(://[^:/@]*:)[^@]*@" if "://" in url else r"^([^:/@]*:)[^@]*@", r"\1***@", url)
+    # libpq and friends also take secrets as query parameters (?password=..., &sslpassword=...)
+    return re.sub(r"([?&][a-z_]*(?:password|passwd|secret|token|key)=)[^&#]*", r"\1***", url, flags=re.I)
 
 
 # Registration happens on import; keep these last.
