@@ -224,3 +224,42 @@ def test_six_workers_on_a_lagging_synced_folder_lose_nothing(tmp_path, spec_tabl
     assert sum(r["note"].startswith("duplicate of") for r in rows) == duplicates  # each extra run is marked
     lost = sum(bool(t.system_attrs.get(LOST)) for t in truth.values())
     print(f"carried {folders.carried} files; {lost} claims lost, {duplicates} duplicate runs")
+
+
+def test_a_takeover_is_seen_by_all_and_a_slow_owner_that_finishes_anyway_wins(tmp_path):
+    from sweeper.leases import RESUMES, hand_over
+
+    shared, late = tmp_path / "shared", tmp_path / "late"
+    owner = optuna.create_study(study_name="s", storage=drive(shared, "a"))
+    trial = owner.ask()
+    trial.suggest_float("x", 0, 1)
+    shutil.copytree(shared, late)
+    taker = optuna.load_study(study_name="s", storage=drive(late, "b"))  # sees a's trial running, then silence
+    stale = taker._storage.get_all_trials(0, deepcopy=False)[0]
+    assert hand_over(taker, stale, {"stale_reason": "stale: test"}, "/ckpt/a-0") is not None
+    reader = DriveStorage(late)  # a third worker: the override in b's shard fails a's trial in its view too
+    assert [t.state for t in reader.get_all_trials(0, deepcopy=False)] == [TrialState.FAIL, TrialState.WAITING]
+    resume = taker.ask()  # b runs the resume
+    assert resume.user_attrs[RESUMES] == "a#0"
+
+    owner.tell(trial, 0.5)  # a was only slow: it finishes before it sees the takeover
+    shutil.copy(shared / "a.db", late / "a.db")
+    assert "taken by worker a" in taker._storage.drop_lost_claim(resume._trial_id)  # the owner's result wins
+    taker.tell(resume, state=TrialState.FAIL)
+    view = {t.system_attrs[ORIGIN]: t for t in DriveStorage(late).get_all_trials(0, deepcopy=False)}
+    assert view["a#0"].state == TrialState.COMPLETE and view["a#0"].value == 0.5
+
+
+def test_an_owner_that_sees_the_takeover_fails_its_trial_in_its_own_shard(tmp_path):
+    from sweeper.leases import hand_over
+
+    folder = tmp_path / "sweep"
+    owner = optuna.create_study(study_name="s", storage=drive(folder, "a"))
+    trial = owner.ask()
+    taker = optuna.load_study(study_name="s", storage=drive(folder, "b"))
+    hand_over(taker, taker._storage.get_all_trials(0, deepcopy=False)[0], {"stale_reason": "stale: test"}, None)
+    owner._storage.sync()
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # its next write: "taken over", go on
+        trial.report(1.0, 1)
+    shard = RDBStorage(f"sqlite:///{folder / 'a.db'}")
+    assert shard.get_all_trials(shard.get_study_id_from_name("s"))[0].state == TrialState.FAIL

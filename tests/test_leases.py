@@ -160,3 +160,33 @@ def test_sigterm_checkpoints_and_hands_the_trial_over_and_the_next_worker_resume
     trials = optuna.load_study(study_name="demo", storage=open_storage(url)).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].user_attrs["result"]["resumed_from_step"] == stopped_at  # not one step redone
+
+
+def test_the_session_deadline_mid_trial_checkpoints_and_hands_the_trial_over(tmp_path, spec_table, monkeypatch):
+    import types
+
+    import tomli_w
+
+    import fast_trainer
+    import runner.platform
+    import runner.worker
+    from runner import run_worker
+
+    trainer = types.ModuleType("runner.train")
+    trainer.__dict__.update(prepare_data=fast_trainer.prepare_data, run_trial=fast_trainer.run_trial,
+                            quiet_libraries=lambda: None, result_attrs=lambda r: r.__dict__,
+                            Preempted=fast_trainer.Preempted)
+    monkeypatch.setitem(sys.modules, "runner.train", trainer)
+    monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
+    monkeypatch.setattr(runner.worker, "DEADLINE_MARGIN_S", 2.0)  # "5 minutes before the end", scaled down
+    monkeypatch.setattr(fast_trainer, "STEP_S", 0.4)  # a 3.2 s trial, in a session with 4 s left
+    (tmp_path / "sweep.toml").write_text(tomli_w.dumps(spec_table))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweeper("init", tmp_path / "sweep.toml", "--store", url).exit_code == 0
+    summary = run_worker(url, checkpoint_root=str(tmp_path / "c"), deadline_hours=4.0 / 3600, log=lambda line: None)
+    assert summary.trials == [0] and summary.stop_reason.startswith("the session deadline is")
+    trials = optuna.load_study(study_name="demo", storage=open_storage(url)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["result"]["fail_reason"].startswith("preempted: the session deadline is")
+    checkpoints = sorted(p.name for p in (tmp_path / "c" / "demo" / "trial-0000").glob("step-*"))
+    assert checkpoints and trials[1].user_attrs[RESUME_FROM] == str(tmp_path / "c" / "demo" / "trial-0000")

@@ -206,7 +206,10 @@ class DriveStorage(InMemoryStorage):
     def _slot_of(self, origin: str) -> int | None:
         if _shard_of(origin) != self.shard_id:
             return self._origin.get(origin)
-        return next((slot for slot in self._own if super().get_trial(slot).system_attrs.get(ORIGIN) == origin), None)
+        for slot in self._own:  # (a loop: super() does not work inside a generator expression)
+            if super().get_trial(slot).system_attrs.get(ORIGIN) == origin:
+                return slot
+        return None
 
     def _add(self, study_id: int, origin: str, trial: FrozenTrial) -> int:
         trial = copy.copy(trial)
