@@ -3,19 +3,24 @@
 Colab's Drive mount writes to a per-VM cache and syncs minutes later, and no lock is seen across
 machines (DESIGN.md), so no file here is ever written by two processes:
 - The first write of a process creates its shard, `<shard id>.db` (Optuna's own SQLite schema), kept
-  in a local temp folder and published to the folder after every write by atomic replace (write a
-  hidden temp file, fsync, rename). A process that only reads (report, best) writes nothing.
+  on local disk and published to the folder after every write (SQLite backup to a local snapshot,
+  copy to a hidden temp file, fsync, rename). A process that only reads (report, best) writes nothing.
 - The storage is an in-memory view of the whole sweep: the process's own trials plus every other
-  shard's, re-read when a shard's size or mtime changes (at most every sync_s). A foreign trial keeps
-  its origin ("<shard>#<number>", system attr ORIGIN), so it is counted once however often it is read.
-  The sampler and the pruner see the whole sweep, late by however long Drive takes.
+  shard's, re-read when a shard's (mtime, size, inode) changes, at most every sync_s. A foreign trial
+  keeps its origin ("<shard>#<number>", system attr ORIGIN), so it is counted once however often it is
+  read; trial numbers are each view's own. The sampler and the pruner see the whole sweep, late by
+  however long Drive takes.
 - Enqueued points (WAITING trials without a CLAIM attr) are claimed by running a trial whose CLAIM
-  attr names the point: Optuna's ask popping a point makes such a trial in our shard, publishes it,
-  waits settle_s and re-reads. Of a point's claimants every worker picks the same winner: a finished
-  claim first, then the lowest shard id. A loser learns it at the settle or later (`drop_lost_claim`,
-  checked at every eval), and stops; its trial fails with LOST set, and the point is not counted
-  twice. Lag can waste work; it never loses a result. Claims that raced past each other all the way
-  to the end are marked in the report (`duplicate_claims`).
+  attr names the point (its origin; for a resume, "resume:" + the trial it continues, so that of
+  several workers' resumes of one stale trial one runs). Optuna's ask popping another worker's point
+  makes a RUNNING claim in our shard, publishes it, waits settle_s and re-reads. Of a point's
+  claimants every worker picks the same winner: a finished claim first, then the lowest shard id. A
+  loser learns it at the settle or later (`drop_lost_claim`, checked at every eval) and stops; its
+  trial fails with LOST set. Lag can waste work; it never loses a result. Claims that raced past each
+  other all the way to the end are marked in the report (`duplicate_claims`).
+- Writing another worker's trial (a takeover failing a stale one, sweeper/leases.py) records an
+  override in our shard (study system attr OVERRIDE + origin) that every view applies; the owner, if
+  alive, fails the trial in its own shard when it sees it; if it finished first, its result wins.
 - A shard that cannot be read (older Optuna schema, half-synced, not SQLite) is skipped with a
   warning naming it, and read again when it changes.
 """
@@ -33,8 +38,8 @@ import tempfile
 import time
 import uuid
 import zlib
-from datetime import datetime
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
