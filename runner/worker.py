@@ -54,7 +54,7 @@ def estimated_trial_seconds(study: optuna.Study, gpu: str) -> float | None:
     return statistics.median(times) if times else None
 
 
-def _budget(study: optuna.Study, spec: SweepSpec) -> tuple[int, int, int]:
+def _budget(study: optuna.Study) -> tuple[int, int, int]:
     """(finished: complete or pruned, running, waiting resumes) trials. Failed ones do not count; a resume
     waiting to run holds the place in the budget of the trial it continues."""
     finished = running = resumes = 0
@@ -76,10 +76,11 @@ def _surplus(study: optuna.Study, spec: SweepSpec, trial: optuna.Trial) -> bool:
     return taken >= spec.n_trials
 
 
-def _stop_reason(study, spec, platform: Platform, ran: int, max_trials: int | None, stop: StopRequest) -> str | None:
+def _stop_reason(study, spec, platform: Platform, finished: int, ran: int, max_trials: int | None,
+                 stop: StopRequest) -> str | None:
     if stop.reason is not None:
         return stop.reason
-    if _budget(study, spec)[0] >= spec.n_trials:
+    if finished >= spec.n_trials:
         return f"the study's budget of {spec.n_trials} trials is met"
     if max_trials is not None and ran >= max_trials:
         return f"ran --max-trials {max_trials}"
@@ -183,9 +184,10 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
         while True:
             try:
                 summary.took_over += take_over_stale(optuna_study, watcher, log)
-                if (reason := _stop_reason(optuna_study, spec, platform, len(summary.trials), max_trials, stop)) is not None:
+                finished, running, resumes = _budget(optuna_study)
+                if (reason := _stop_reason(optuna_study, spec, platform, finished, len(summary.trials), max_trials,
+                                           stop)) is not None:
                     break
-                finished, running, resumes = _budget(optuna_study, spec)
                 if not resumes and finished + running >= spec.n_trials:  # the rest runs elsewhere: watch it finish
                     if not waiting_logged:
                         log(f"waiting: {running} trials of other workers are running to finish the budget")

@@ -32,6 +32,7 @@ RESUME_FROM = "resume_from"  # user attr: the checkpoint folder to resume from
 STALE_REASON = "stale_reason"  # user attr on a trial failed by a takeover
 GRACE_BEATS = 3
 NOT_RETRIED = ("surplus:", "claim lost:")  # failures that lost nothing: another trial holds the place
+# (a drive claim that lost is failed "claim lost: ..." by whoever finds out: the worker or the store's own settle)
 
 
 def trial_key(trial: FrozenTrial) -> int | str:
@@ -97,28 +98,28 @@ class Watcher:
         return stale
 
 
-def hand_over(study: optuna.Study, trial: FrozenTrial, attrs: dict[str, Any], checkpoint: str | None) -> int | None:
-    """Fail `trial`, with user attrs saying why, and enqueue its params again, to resume from `checkpoint`. Returns
-    the new trial's id, or None when another worker finished or took the trial first (the store refuses)."""
+def hand_over(study: optuna.Study, trial: FrozenTrial, attrs: dict[str, Any], checkpoint: str | None) -> bool:
+    """Fail `trial`, with user attrs saying why, and enqueue its params again, to resume from `checkpoint`. False
+    when another worker finished or took the trial first (the store refuses our write): nothing enqueued."""
     storage = study._storage
     try:
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial._trial_id, key, value)
         if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            return None
+            return False
     except UpdateFinishedTrialError:
-        return None
-    return enqueue_resume(study, trial, checkpoint)
+        return False
+    enqueue_resume(study, trial, checkpoint)
+    return True
 
 
-def enqueue_resume(study: optuna.Study, trial: FrozenTrial, checkpoint: str | None) -> int:
-    """Enqueue a trial with `trial`'s params that continues it (from `checkpoint`, if given); returns its id."""
+def enqueue_resume(study: optuna.Study, trial: FrozenTrial, checkpoint: str | None) -> None:
+    """Enqueue a trial with `trial`'s params that continues it (from `checkpoint`, if given)."""
     params = trial.params or trial.system_attrs.get("fixed_params", {})
     user_attrs = {RESUMES: trial_key(trial)}
     if checkpoint:
         user_attrs[RESUME_FROM] = checkpoint
     study.enqueue_trial(params, user_attrs=user_attrs)
-    return study.get_trials(deepcopy=False)[-1]._trial_id
 
 
 def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str]]:
@@ -128,8 +129,7 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
     resumed = {t.user_attrs.get(RESUMES) for t in trials}
     if numbers is None:
         chosen = [t for t in trials if t.state == TrialState.FAIL and trial_key(t) not in resumed
-                  and not t.user_attrs.get("result", {}).get("fail_reason", "").startswith(NOT_RETRIED)
-                  and not t.system_attrs.get("drive:claim_lost")]
+                  and not t.user_attrs.get("result", {}).get("fail_reason", "").startswith(NOT_RETRIED)]
     else:
         by_number = {t.number: t for t in trials}
         missing = [n for n in numbers if n not in by_number]
@@ -149,15 +149,15 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
     return done
 
 
-def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], None], own: set[int] = frozenset()) -> int:
-    """Take over every trial this watcher finds stale; returns how many this worker took."""
+def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], None]) -> int:
+    """Take over every trial this watcher finds stale (called between trials: none is ours); returns how many."""
     taken = 0
-    for trial in watcher.stale(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), own):
+    for trial in watcher.stale(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         lease = trial.system_attrs.get(LEASE, {})
         reason = (f"stale: no heartbeat from worker {lease.get('worker', '?')} for {watcher.grace_s:.0f} s "
                   f"(taken over)")
         # Its own key, not "result": should the worker finish after all, its result must survive this write.
-        if hand_over(study, trial, {STALE_REASON: reason}, lease.get("checkpoint")) is not None:
+        if hand_over(study, trial, {STALE_REASON: reason}, lease.get("checkpoint")):
             taken += 1
             log(f"trial {trial.number} was {reason}; enqueued to resume from {lease.get('checkpoint') or 'the start'}")
     return taken

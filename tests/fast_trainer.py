@@ -87,15 +87,20 @@ def run_trial(spec, params, trial_dir, sweep_data, report=None, *, device=None, 
                        checkpoint=str(trial_dir), resumed_from_step=resumed_from)
 
 
-def main() -> None:
-    """`sweeper worker` with this module as runner.train, and no torch to import (2 s a process) or GPU to look for."""
-    import runner.platform
-    from sweeper.cli import cli
-
+def as_runner_train() -> types.ModuleType:
+    """This trainer in the shape of runner.train, for sys.modules: no torch to import (2 s a process)."""
     trainer = types.ModuleType("runner.train")
     trainer.__dict__.update(prepare_data=prepare_data, run_trial=run_trial, quiet_libraries=lambda: None,
                             result_attrs=asdict, Preempted=Preempted)
-    sys.modules["runner.train"] = trainer
+    return trainer
+
+
+def main() -> None:
+    """`sweeper worker` with this module as runner.train, and no GPU to look for."""
+    import runner.platform
+    from sweeper.cli import cli
+
+    sys.modules["runner.train"] = as_runner_train()
     runner.platform.gpu_info = lambda: ("cpu", 0, 0.0)
     cli.main(["worker", *sys.argv[1:]], prog_name="sweeper")
 

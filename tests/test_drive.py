@@ -83,12 +83,18 @@ def test_an_enqueued_point_runs_once_and_its_claim_takes_its_place(tmp_path):
     assert w2.ask().suggest_float("x", 0, 1) != 0.5  # nothing left to claim: the sampler's turn
 
 
-def test_racing_claims_pick_one_winner_and_the_loser_stops(tmp_path):
-    """Two workers claim one point before either sees the other (lag): both learn the same winner."""
+def point_in_two_copies(tmp_path: Path) -> tuple[Path, Path]:
+    """A laptop enqueues one point; two copies of the folder hold it, which then drift apart (Drive's lag)."""
     shared, late = tmp_path / "shared", tmp_path / "late"
     laptop = optuna.create_study(study_name="s", storage=drive(shared, "laptop"))
     laptop.enqueue_trial({"x": 0.5})
     shutil.copytree(shared, late)
+    return shared, late
+
+
+def test_racing_claims_pick_one_winner_and_the_loser_stops(tmp_path):
+    """Two workers claim one point before either sees the other (lag): both learn the same winner."""
+    shared, late = point_in_two_copies(tmp_path)
     w_b = optuna.load_study(study_name="s", storage=drive(shared, "b"))
     w_a = optuna.load_study(study_name="s", storage=drive(late, "a"))  # does not see b's shard yet
     tb, ta = w_b.ask(), w_a.ask()
@@ -108,10 +114,7 @@ def test_racing_claims_pick_one_winner_and_the_loser_stops(tmp_path):
 
 
 def test_a_finished_claim_wins_over_a_lower_id(tmp_path):
-    shared, late = tmp_path / "shared", tmp_path / "late"
-    laptop = optuna.create_study(study_name="s", storage=drive(shared, "laptop"))
-    laptop.enqueue_trial({"x": 0.5})
-    shutil.copytree(shared, late)
+    shared, late = point_in_two_copies(tmp_path)
     w_z = optuna.load_study(study_name="s", storage=drive(shared, "z"))
     tz = w_z.ask()
     w_z.tell(tz, 1.0)  # z ran the point to the end before a's claim reached it
@@ -236,7 +239,7 @@ def test_a_takeover_is_seen_by_all_and_a_slow_owner_that_finishes_anyway_wins(tm
     shutil.copytree(shared, late)
     taker = optuna.load_study(study_name="s", storage=drive(late, "b"))  # sees a's trial running, then silence
     stale = taker._storage.get_all_trials(0, deepcopy=False)[0]
-    assert hand_over(taker, stale, {"stale_reason": "stale: test"}, "/ckpt/a-0") is not None
+    assert hand_over(taker, stale, {"stale_reason": "stale: test"}, "/ckpt/a-0")
     reader = DriveStorage(late)  # a third worker: the override in b's shard fails a's trial in its view too
     assert [t.state for t in reader.get_all_trials(0, deepcopy=False)] == [TrialState.FAIL, TrialState.WAITING]
     resume = taker.ask()  # b runs the resume

@@ -72,7 +72,7 @@ def test_two_workers_taking_over_one_trial_enqueue_one_resume(store_url):
     takers = [optuna.load_study(study_name="s", storage=open_storage(store_url)) for _ in range(2)]
     frozen = [taker._storage.get_trial(trial._trial_id) for taker in takers]  # both judged it stale
     results = [hand_over(taker, t, {"stale_reason": "stale: test"}, "/ckpt/trial-0000") for taker, t in zip(takers, frozen)]
-    assert sum(r is not None for r in results) == 1
+    assert results.count(True) == 1
     trials = optuna.load_study(study_name="s", storage=open_storage(store_url)).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[0].user_attrs["stale_reason"] == "stale: test"
@@ -163,8 +163,6 @@ def test_sigterm_checkpoints_and_hands_the_trial_over_and_the_next_worker_resume
 
 
 def test_the_session_deadline_mid_trial_checkpoints_and_hands_the_trial_over(tmp_path, spec_table, monkeypatch):
-    import types
-
     import tomli_w
 
     import fast_trainer
@@ -172,11 +170,7 @@ def test_the_session_deadline_mid_trial_checkpoints_and_hands_the_trial_over(tmp
     import runner.worker
     from runner import run_worker
 
-    trainer = types.ModuleType("runner.train")
-    trainer.__dict__.update(prepare_data=fast_trainer.prepare_data, run_trial=fast_trainer.run_trial,
-                            quiet_libraries=lambda: None, result_attrs=lambda r: r.__dict__,
-                            Preempted=fast_trainer.Preempted)
-    monkeypatch.setitem(sys.modules, "runner.train", trainer)
+    monkeypatch.setitem(sys.modules, "runner.train", fast_trainer.as_runner_train())
     monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
     monkeypatch.setattr(runner.worker, "DEADLINE_MARGIN_S", 2.0)  # "5 minutes before the end", scaled down
     monkeypatch.setattr(fast_trainer, "STEP_S", 0.4)  # a 3.2 s trial, in a session with 4 s left

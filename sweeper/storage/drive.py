@@ -84,6 +84,13 @@ def _shard_of(origin: str) -> str:
     return origin.rpartition("#")[0]
 
 
+def _with_origin(trial: FrozenTrial, origin: str) -> FrozenTrial:
+    """A copy of the record that says where it lives (ORIGIN), for the view."""
+    trial = copy.copy(trial)
+    trial.system_attrs = {**trial.system_attrs, ORIGIN: origin}
+    return trial
+
+
 def _point_key(trial: FrozenTrial, origin: str | None = None) -> str:
     """What claims on an enqueued point name: a resume, the trial it continues (of several workers' resumes of
     one stale trial, one runs); any other point, its own origin."""
@@ -96,6 +103,8 @@ class DriveStorage(InMemoryStorage):
 
     def __init__(self, folder: Path, sync_s: float | None = None, settle_s: float | None = None):
         super().__init__()
+        if not folder.parent.is_dir():
+            raise UserError(f"folder {folder.parent} does not exist (is Drive mounted?)")
         self.folder = folder
         self.sync_s = _seconds("SWEEPER_DRIVE_SYNC_S", 5) if sync_s is None else sync_s
         self.settle_s = _seconds("SWEEPER_DRIVE_SETTLE_S", 30) if settle_s is None else settle_s
@@ -217,15 +226,12 @@ class DriveStorage(InMemoryStorage):
         return None
 
     def _add(self, study_id: int, origin: str, trial: FrozenTrial) -> int:
-        trial = copy.copy(trial)
-        trial.system_attrs = {**trial.system_attrs, ORIGIN: origin}
-        return super().create_new_trial(study_id, template_trial=trial)
+        return super().create_new_trial(study_id, template_trial=_with_origin(trial, origin))
 
     def _put(self, slot: int, origin: str, trial: FrozenTrial) -> None:
         """Replace the view's record in `slot` with a foreign one, keeping the slot's id and number."""
-        trial = copy.copy(trial)
+        trial = _with_origin(trial, origin)
         trial._trial_id, trial.number = slot, super().get_trial(slot).number
-        trial.system_attrs = {**trial.system_attrs, ORIGIN: origin}
         study_id = self._trial_id_to_study_id_and_number[slot][0]
         self._set_trial(slot, trial)
         self._update_cache(slot, study_id)
@@ -300,9 +306,7 @@ class DriveStorage(InMemoryStorage):
 
     def _tag_own(self, trial_id: int) -> None:
         """Our trial's ORIGIN, in the view only (other workers derive it from our shard's name)."""
-        trial = copy.copy(super().get_trial(trial_id))
-        trial.system_attrs = {**trial.system_attrs, ORIGIN: self._own_origin(trial_id)}
-        self._set_trial(trial_id, trial)
+        self._set_trial(trial_id, _with_origin(super().get_trial(trial_id), self._own_origin(trial_id)))
 
     def _own_origin(self, trial_id: int) -> str:
         return f"{self.shard_id}#{self._shard_storage().get_trial_number_from_id(self._own[trial_id])}"
@@ -312,8 +316,6 @@ class DriveStorage(InMemoryStorage):
     def _shard_storage(self) -> RDBStorage:
         if self._shard is None:
             self.shard_id = self.shard_id or shard_name(f"{os.uname().nodename[:20]}-{uuid.uuid4().hex[:8]}")
-            if not self.folder.parent.is_dir():
-                raise UserError(f"folder {self.folder.parent} does not exist (is Drive mounted?)")
             self._shard_path = Path(self._read_dir.name) / "own" / f"{self.shard_id}.db"
             self._shard_path.parent.mkdir()
             self._shard = RDBStorage(f"sqlite:///{self._shard_path}")
@@ -495,10 +497,7 @@ def duplicate_claims(trials: list[FrozenTrial]) -> dict[int, int]:
 
 
 def open_drive(url: str) -> DriveStorage:
-    folder = folder_of(url)
-    if not folder.parent.is_dir():
-        raise UserError(f"folder {folder.parent} does not exist (is Drive mounted?)")
-    return DriveStorage(folder)
+    return DriveStorage(folder_of(url))
 
 
 register(Backend("drive", "drive:///content/drive/MyDrive/sweeps/NAME", "Colab workers sharing a Drive folder",
