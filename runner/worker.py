@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 
 from runner.platform import Platform, detect
 from sweeper.errors import SweeperError, first_line
-from sweeper.leases import RESUME_FROM, RESUMES, Heartbeat, Watcher, hand_over, take_over_stale, trial_key
+from sweeper.leases import (RESUME_FROM, RESUMES, Heartbeat, Watcher, hand_over, superseded, take_over_stale,
+                            trial_key)
 from sweeper.spec import SweepSpec
 from sweeper.storage import lease_timing
 from sweeper.storage.drive import DriveStorage, drop_lost_claim, shard_name
@@ -34,8 +35,9 @@ MAX_FAILURES_IN_A_ROW = 3
 DEADLINE_MARGIN_S = 300  # leave this much of the session for checkpointing and telling
 
 
-class ClaimLost(Exception):
-    """Another worker's claim on this trial's enqueued point wins (drive store)."""
+class Superseded(Exception):
+    """Another record holds this trial's place: a drive claim on its enqueued point that wins, or the trial
+    this one resumes finishing after all. The message is the fail reason."""
 
 
 @dataclass
@@ -210,9 +212,14 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 log(f"trial {trial.number}: {params}")
                 views(trial.number)
 
-                def report(k: int, loss: float, trial=trial) -> bool:
+                def check_place(trial=trial) -> None:
                     if (lost := drop_lost_claim(optuna_study._storage, trial._trial_id)) is not None:
-                        raise ClaimLost(lost)
+                        raise Superseded(f"claim lost: {lost}")
+                    if (why := superseded(optuna_study, trial._trial_id)) is not None:
+                        raise Superseded(why)
+
+                def report(k: int, loss: float, trial=trial) -> bool:
+                    check_place()
                     trial.report(loss, k)
                     views(trial.number)
                     return trial.should_prune()
@@ -221,9 +228,11 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 heartbeat = Heartbeat(optuna_study._storage, trial._trial_id, {**lease, "checkpoint": str(trial_dir)},
                                       heartbeat_s, log)
                 try:
+                    check_place()  # a resume whose place another holds stops before it starts
                     if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
                         _resume_into(trial_dir, resume_from, log)
                     result = run_trial(spec, params, trial_dir, sweep_data, report, precision=precision, log=log, stop=stop)
+                    check_place()  # once more before the result goes in
                 except Preempted as e:
                     heartbeat.stop()
                     frozen = optuna_study._storage.get_trial(trial._trial_id)
@@ -235,8 +244,8 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     continue
                 except (JournalChanged, UpdateFinishedTrialError):
                     raise
-                except ClaimLost as e:  # another worker runs this enqueued point: not a failure of ours
-                    _tell_failed(optuna_study, trial, f"claim lost: {e}")
+                except Superseded as e:  # not a failure of ours: another record holds the place
+                    _tell_failed(optuna_study, trial, str(e))
                     log(f"trial {trial.number} stops: {e}")
                     continue
                 except Exception as e:  # whatever the trainer raised fails this trial, in one line, not the worker

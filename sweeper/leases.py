@@ -100,17 +100,20 @@ class Watcher:
 
 def hand_over(study: optuna.Study, trial: FrozenTrial, attrs: dict[str, Any], checkpoint: str | None) -> bool:
     """Fail `trial`, with user attrs saying why, and enqueue its params again, to resume from `checkpoint`. False
-    when another worker finished or took the trial first (the store refuses our write): nothing enqueued."""
-    storage = study._storage
+    when another worker finished or took the trial first (the store refuses our write).
+
+    The resume is enqueued before the trial is failed, and only if none is there yet: a worker killed in between
+    leaves a running trial that the next taker fails, finding its resume there, never a failed trial without
+    one. Two takers racing may each enqueue one: `superseded` lets one run."""
+    storage, key = study._storage, trial_key(trial)
     try:
-        for key, value in attrs.items():
-            storage.set_trial_user_attr(trial._trial_id, key, value)
-        if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            return False
+        for name, value in attrs.items():
+            storage.set_trial_user_attr(trial._trial_id, name, value)
+        if not any(t.user_attrs.get(RESUMES) == key and t.state != TrialState.FAIL for t in study.get_trials(deepcopy=False)):
+            enqueue_resume(study, trial, checkpoint)
+        return storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False
-    enqueue_resume(study, trial, checkpoint)
-    return True
 
 
 def enqueue_resume(study: optuna.Study, trial: FrozenTrial, checkpoint: str | None) -> None:
@@ -120,6 +123,27 @@ def enqueue_resume(study: optuna.Study, trial: FrozenTrial, checkpoint: str | No
     if checkpoint:
         user_attrs[RESUME_FROM] = checkpoint
     study.enqueue_trial(params, user_attrs=user_attrs)
+
+
+def superseded(study: optuna.Study, trial_id: int) -> str | None:
+    """Why a resume must stop, or None (and for a trial that resumes nothing): the trial it continues finished
+    after all (its worker was slow, not dead: its result stands), or a resume of the same trial with a lower
+    number is alive (two takers raced; every worker picks the same one). On a drive store, where numbers are
+    each worker's own, claims on the resume settle the second case (sweeper/storage/drive.py)."""
+    me = study._storage.get_trial(trial_id)
+    key = me.user_attrs.get(RESUMES)
+    if key is None:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    original = next((t for t in trials if trial_key(t) == key), None)
+    if original is not None and original.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return f"surplus: trial {original.number}, which this one resumes, finished after all"
+    if isinstance(key, int):
+        rival = next((t for t in trials if t.user_attrs.get(RESUMES) == key and t.state != TrialState.FAIL
+                      and t.number < me.number), None)
+        if rival is not None:
+            return f"surplus: trial {rival.number} resumes trial {key} too"
+    return None
 
 
 def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str]]:
