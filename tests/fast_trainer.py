@@ -71,7 +71,8 @@ def run_trial(spec, params, trial_dir, sweep_data, report=None, *, device=None, 
     while step < STEPS:
         time.sleep(STEP_S)
         step += 1
-        (trial_dir / "progress").write_text(str(step))  # how far it got, for counting steps redone after a kill
+        (trial_dir / ".progress").write_text(str(step))  # how far it got, for counting steps redone after a kill:
+        os.replace(trial_dir / ".progress", trial_dir / "progress")  # whole, even when killed mid-write
         if step * evals % STEPS == 0:  # evals spread evenly over the steps, as runner.train orders them
             k = step * evals // STEPS
             eval_losses.append(loss_of(params, step / STEPS))
