@@ -30,6 +30,43 @@ class NonFiniteLoss(SweeperError):
     """The training loss became NaN or inf (fp16 overflow, too high a learning rate)."""
 
 
+@dataclass(frozen=True)
+class Peers:
+    """The processes that train one trial together (runner/parallel.py), as the trainer sees them.
+
+    Each takes every `size`-th row of a step and of the eval set, from row `rank` on; losses are taken over the
+    whole step's tokens, and gradients and losses are summed across the processes, so the step is the one a single
+    GPU would take. Alone: rank 0 of 1, and nothing is sent anywhere.
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    def share(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors if self.size == 1 else {k: v[self.rank::self.size] for k, v in tensors.items()}
+
+    def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """The tensor summed (or max-ed) over all processes, in place."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor
+
+    def first_says(self, flag: bool, device: torch.device) -> bool:
+        """Rank 0's flag, on every process (rank 0 alone answers to the worker: prune, stop)."""
+        if self.size == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], device=device)
+        dist.broadcast(value, src=0)
+        return bool(value.item())
+
+
+ALONE = Peers()
+
+
 @dataclass
 class SweepData:
     """What every trial of a sweep shares: the tokenizer and the same train and eval sequences."""
@@ -60,6 +97,8 @@ class TrialResult:
     gradient_checkpointing: bool
     checkpoint: str
     resumed_from_step: int = 0
+    gpus: int = 1
+    """Processes (GPUs) the trial trained on at once; micro_batch and grad_accum are each one's."""
     versions: dict[str, str] = field(default_factory=dict)
 
 
@@ -282,15 +321,30 @@ def accumulate(model, batch, micro: int, scaler, device, dtype, n_items: int) ->
     return step_loss
 
 
+def sum_gradients(model, step_loss: torch.Tensor, peers: Peers) -> torch.Tensor:
+    """Add up the trainable gradients and the step loss of all peers (one all-reduce: LoRA's are a few MB)."""
+    if peers.size == 1:
+        return step_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = peers.reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                                   for p in params] + [step_loss.reshape(1).float()]))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+    return flat[-1]
+
+
 @torch.no_grad()
-def evaluate(model, tensors, micro_batch: int, device, dtype) -> float:
+def evaluate(model, tensors, micro_batch: int, device, dtype, peers: Peers = ALONE) -> float:
     model.eval()
-    n_items = max(1, label_count(tensors["labels"]))
+    n_items = max(1, label_count(tensors["labels"]))  # the whole eval set's: each peer sums its share of it
+    mine = peers.share(tensors)
     total = torch.zeros((), device=device)
-    for i in range(0, len(tensors["input_ids"]), micro_batch):
-        total += forward_loss(model, {k: v[i:i + micro_batch] for k, v in tensors.items()}, device, dtype, n_items).float()
+    for i in range(0, len(mine["input_ids"]), micro_batch):
+        total += forward_loss(model, {k: v[i:i + micro_batch] for k, v in mine.items()}, device, dtype, n_items).float()
     model.train()
-    return float(total)
+    return float(peers.reduce(total))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,9 +425,10 @@ class Preempted(Exception):
 def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_data: SweepData,
               report: Callable[[int, float], bool] | None = None, *, device: str | None = None,
               precision: str | None = None, log: Callable[[str], None] = print,
-              stop: Callable[[], str | None] | None = None) -> TrialResult:
+              stop: Callable[[], str | None] | None = None, peers: Peers = ALONE) -> TrialResult:
     """Train one trial to its token budget, evaluating `budget.evals` times; resume from trial_dir if it holds a
-    checkpoint. `stop` is asked after every step: a reason makes it checkpoint and raise Preempted."""
+    checkpoint. `stop` is asked after every step: a reason makes it checkpoint and raise Preempted. With peers,
+    rank 0 alone reports, is asked to stop and writes checkpoints; the others follow its answers."""
     started = time.perf_counter()
     cfg = spec.trial_config(params)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -384,6 +439,8 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
         torch.cuda.reset_peak_memory_stats(dev)
 
     model = load_model(spec, cfg, dev, dtype)
+    if peers.size > 1:
+        torch.manual_seed(cfg.seed + peers.rank)  # the same LoRA init everywhere, each peer its own dropout
     model.train()
     train, evalset = to_tensors(sweep_data.train), to_tensors(sweep_data.eval)
     total_steps = max(1, len(sweep_data.train) // cfg.batch_size)
@@ -401,7 +458,8 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
     resumed_from = state["step"]
     if state.get("gradient_checkpointing") and not is_checkpointing(model):
         enable_checkpointing(model)  # the interrupted run needed it to fit
-    micro = state["micro_batch"] or choose_micro_batch(model, train, cfg.batch_size, dev, dtype, log)
+    my_rows = max(1, len(range(peers.rank, cfg.batch_size, peers.size)))
+    micro = state["micro_batch"] or choose_micro_batch(model, train, my_rows, dev, dtype, log)
     state["micro_batch"], state["gradient_checkpointing"] = micro, is_checkpointing(model)
     pruned_at = None
 
@@ -409,7 +467,8 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
         t0 = time.perf_counter()
         rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
         batch = {k: v[rows] for k, v in train.items()}
-        n_items = max(1, label_count(batch["labels"]))
+        n_items = max(1, label_count(batch["labels"]))  # the whole step's, on every peer
+        batch = peers.share(batch)
         while (step_loss := accumulate(model, batch, micro, scaler, dev, dtype, n_items)) is None:
             # Out of GPU memory mid-step: same effective batch, half the micro-batch, the step redone.
             optimizer.zero_grad(set_to_none=True)
@@ -422,9 +481,9 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
                 raise SweeperError(f"out of GPU memory at micro-batch 1 with gradient checkpointing (step {step + 1}, "
                                    f"seq len {spec.model.max_seq_len}): lower model.max_seq_len")
             state["micro_batch"], state["gradient_checkpointing"] = micro, is_checkpointing(model)
-            log(f"  out of GPU memory: micro-batch {micro} x {math.ceil(cfg.batch_size / micro)}, "
+            log(f"  out of GPU memory: micro-batch {micro} x {math.ceil(my_rows / micro)}, "
                 f"gradient checkpointing {'on' if state['gradient_checkpointing'] else 'off'}")
-        loss_value = float(step_loss)  # one device sync per step
+        loss_value = float(sum_gradients(model, step_loss, peers))  # one device sync per step
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"training loss became {loss_value} at step {step + 1} ({_precision_name(dtype)})")
         if cfg.max_grad_norm > 0:
@@ -441,20 +500,24 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
 
         if state["step"] in eval_at:
             k = eval_at[state["step"]]
-            eval_loss = evaluate(model, evalset, micro, dev, dtype)
+            eval_loss = evaluate(model, evalset, micro, dev, dtype, peers)
             state["eval_losses"].append(eval_loss)
             log(f"  eval {k}/{spec.budget.evals} step {state['step']}/{total_steps}: "
                 f"train {loss_value:.4f} eval {eval_loss:.4f}")
             if not math.isfinite(eval_loss):
                 raise NonFiniteLoss(f"eval loss became {eval_loss} at step {state['step']} ({_precision_name(dtype)})")
-            if report is not None and report(k, eval_loss):
+            if peers.first_says(report is not None and report(k, eval_loss), dev):
                 pruned_at = k
                 break
-        saved = state["step"] % spec.budget.checkpoint_every == 0 or state["step"] == total_steps
+        saved = peers.rank == 0 and (state["step"] % spec.budget.checkpoint_every == 0 or state["step"] == total_steps)
         if saved:
             checkpoint = save_checkpoint(trial_dir, model, optimizer, scheduler, scaler, state)
-        if stop is not None and state["step"] < total_steps and (why := stop()) is not None:
-            raise Preempted(why, checkpoint if saved else save_checkpoint(trial_dir, model, optimizer, scheduler, scaler, state))
+        if state["step"] < total_steps:
+            why = stop() if stop is not None else None
+            if peers.first_says(why is not None, dev):
+                if peers.rank == 0 and not saved:
+                    checkpoint = save_checkpoint(trial_dir, model, optimizer, scheduler, scaler, state)
+                raise Preempted(why or "rank 0 stopped", checkpoint)
 
     tokens_per_s = state["tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0
     return TrialResult(
@@ -466,14 +529,15 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
         total_steps=total_steps,
         train_tokens=state["tokens"],
         tokens_per_s=round(tokens_per_s, 1),
-        peak_mem_mb=round(_peak_mem_mb(dev), 1),
+        peak_mem_mb=round(float(peers.reduce(torch.tensor(_peak_mem_mb(dev), device=dev), "max")), 1),
         wall_time_s=round(time.perf_counter() - started, 2),
         micro_batch=micro,
-        grad_accum=math.ceil(cfg.batch_size / micro),
+        grad_accum=math.ceil(my_rows / micro),
         precision=_precision_name(dtype),
         gradient_checkpointing=is_checkpointing(model),
         checkpoint=str(checkpoint) if checkpoint else "",
         resumed_from_step=resumed_from,
+        gpus=peers.size,
         versions=library_versions(),
     )
 

@@ -4,6 +4,8 @@ SIGTERM, Ctrl-C) checkpoints and hands the trial over to be resumed."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import shutil
 import signal
@@ -153,6 +155,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                precision: str | None = None, log: Callable[[str], None] = print) -> WorkerSummary:
     """Join a study (None: the store's only one) and run trials until its budget is met, max_trials ran,
     or the session ends (deadline, SIGTERM, Ctrl-C: the running trial is checkpointed and handed over)."""
+    from runner import parallel
     from runner.train import Preempted, prepare_data, quiet_libraries, result_attrs, run_trial
 
     quiet_libraries()
@@ -161,6 +164,10 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
     worker_seed = zlib.crc32(summary.worker_id.encode())
     optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
     study = optuna_study.study_name
+    train = run_trial
+    if len(devices := parallel.trial_devices(spec.gpus_per_trial)) > 1:
+        train = functools.partial(parallel.run_trial_parallel, devices=devices)
+        platform = dataclasses.replace(platform, gpu_name=f"{len(devices)} x {platform.gpu_name}")  # its own timings
     if isinstance(optuna_study._storage, DriveStorage):
         optuna_study._storage.shard_id = shard_name(summary.worker_id)  # our shard is named after us
     log(f"worker {summary.worker_id} on {platform.name} ({platform.gpu_name}) joins study {study!r}")
@@ -231,7 +238,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     check_place()  # a resume whose place another holds stops before it starts
                     if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
                         _resume_into(trial_dir, resume_from, log)
-                    result = run_trial(spec, params, trial_dir, sweep_data, report, precision=precision, log=log, stop=stop)
+                    result = train(spec, params, trial_dir, sweep_data, report, precision=precision, log=log, stop=stop)
                     check_place()  # once more before the result goes in
                 except Preempted as e:
                     heartbeat.stop()

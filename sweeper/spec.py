@@ -156,6 +156,9 @@ class SweepSpec:
     """Sampler seed."""
     heartbeat_s: float = 60
     """Seconds between a running trial's heartbeats; one silent for 3 of them is taken over by another worker."""
+    gpus_per_trial: int = 1
+    """GPUs one trial trains on, data-parallel: 1 runs one trial per GPU (two at once on Kaggle's T4 x2); 2 trains
+    each trial on two GPUs at once, splitting every step's batch between them (the same trial, about twice as fast)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the study's user attrs and for JSON; None fields are dropped (TOML has no null)."""
@@ -356,6 +359,8 @@ def _check(spec: SweepSpec) -> list[str]:
         problems.append("n_trials: must be at least 1")
     if not spec.heartbeat_s > 0:
         problems.append("heartbeat_s: must be positive")
+    if spec.gpus_per_trial < 1:
+        problems.append("gpus_per_trial: must be at least 1")
     if spec.model.max_seq_len < 16:
         problems.append("model.max_seq_len: must be at least 16")
     b = spec.budget

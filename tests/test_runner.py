@@ -244,3 +244,91 @@ def test_a_micro_batch_without_labels_backpropagates_a_zero_loss():
     loss = chunked_cross_entropy(hidden, torch.full((1, 5), -100), head, n_items=1)
     loss.backward()
     assert loss.item() == 0 and hidden.grad is not None and not hidden.grad.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial across two processes (gloo on the CPU; NCCL across GPUs runs the same code)
+
+
+def no_dropout(spec: SweepSpec) -> SweepSpec:
+    """Dropout differs between processes (each its own seed); without it two processes compute what one does."""
+    table = spec.to_dict()
+    table["train"]["lora_dropout"] = 0.0
+    return spec_from_dict(table)
+
+
+def test_a_worker_trains_each_trial_across_two_processes_as_one_would(demo_dir, sweep_data, tmp_path, monkeypatch):
+    from runner import parallel
+
+    monkeypatch.setattr(parallel, "trial_devices", lambda n: ["cpu", "cpu"][:n])  # two "GPUs"
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    sweep = write_sweep(demo_dir, tmp_path, n_trials=1, **{"lora_dropout = 0.05": "lora_dropout = 0.0"})
+    spec = load_spec(sweep)
+    spec.gpus_per_trial = 2
+    study, _ = create_study(spec, store)
+    enqueue(study, store, [PARAMS])
+    lines: list[str] = []
+    run_worker(store, "demo", checkpoint_root=str(tmp_path / "ck"), log=lines.append)
+
+    trial = load_study(store, "demo")[0].get_trials()[0]
+    result = trial.user_attrs["result"]
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["worker"]["gpu"] == "2 x cpu"
+    assert (result["gpus"], result["micro_batch"], result["grad_accum"]) == (2, 4, 1)  # 8 rows a step: 4 each
+    assert "  training on 2 processes at once (cpu, cpu)" in lines and any("eval 1/" in line for line in lines)
+    alone = run_trial(spec, PARAMS, tmp_path / "alone", prepare_data(spec), log=lambda s: None)
+    assert result["eval_losses"] == pytest.approx(alone.eval_losses, rel=1e-5)  # the same trial, on two
+    assert list(trial.intermediate_values.values()) == result["eval_losses"]  # rank 0 reported every eval
+    assert result["train_tokens"] == alone.train_tokens and Path(result["checkpoint"]).is_dir()
+
+
+def test_two_processes_stop_checkpoint_resume_and_prune_together(demo_dir, sweep_data, tmp_path):
+    from runner.parallel import run_trial_parallel
+    from runner.train import Preempted
+
+    spec = no_dropout(small_spec(demo_dir))
+    whole = run_trial(spec, PARAMS, tmp_path / "whole", sweep_data, log=lambda s: None)
+    steps = iter(range(100))
+    with pytest.raises(Preempted) as stopped:  # the worker's stop answers rank 0; both processes stop
+        run_trial_parallel(spec, PARAMS, tmp_path / "cut", sweep_data, devices=["cpu", "cpu"], log=lambda s: None,
+                           stop=lambda: "SIGTERM received" if next(steps) == 2 else None)
+    assert stopped.value.reason == "SIGTERM received" and stopped.value.checkpoint.name == "step-000003"
+    assert [p.name for p in (tmp_path / "cut").iterdir()] == ["step-000003"]  # rank 0 alone writes
+
+    resumed = run_trial_parallel(spec, PARAMS, tmp_path / "cut", sweep_data, lambda k, loss: k == 3,
+                                 devices=["cpu", "cpu"], log=lambda s: None)
+    assert resumed.resumed_from_step == 3 and resumed.pruned_at == 3
+    assert resumed.eval_losses == pytest.approx(whole.eval_losses[:3], rel=1e-5)
+    assert not __import__("multiprocessing").active_children()
+
+
+def test_a_dead_training_process_fails_the_trial_in_one_line_and_stops_the_others(demo_dir, sweep_data, tmp_path):
+    import multiprocessing
+    import os
+    import signal
+
+    from runner.parallel import run_trial_parallel
+    from sweeper.errors import SweeperError
+
+    spec = small_spec(demo_dir, train_tokens=4_000, evals=2)
+
+    def kill_rank_1(k, loss):
+        rank_1 = next(p for p in multiprocessing.active_children() if p.name == "sweeper-rank-1")
+        os.kill(rank_1.pid, signal.SIGKILL)  # out of host memory, say
+        return False
+
+    with pytest.raises(SweeperError, match=r"^the training process of rank 1 \(cpu\) died \(exit -9\); "
+                                           r"the others were stopped$"):
+        run_trial_parallel(spec, PARAMS, tmp_path / "t", sweep_data, kill_rank_1, devices=["cpu", "cpu"],
+                           log=lambda s: None)
+    assert not multiprocessing.active_children()
+
+    class Superseded(Exception):
+        pass
+
+    def superseded(k, loss):  # what the worker's report raises when another record holds the trial's place
+        raise Superseded("claim lost")
+
+    with pytest.raises(Superseded):
+        run_trial_parallel(spec, PARAMS, tmp_path / "t2", sweep_data, superseded, devices=["cpu", "cpu"],
+                           log=lambda s: None)
+    assert not multiprocessing.active_children()

@@ -1,0 +1,192 @@
+"""One trial across several GPUs, data-parallel, where the spec asks (`gpus_per_trial`).
+
+One training process per GPU (spawned: CUDA does not survive a fork), each running the trainer on its share of
+every step's rows (train.Peers); their LoRA gradients are summed before each optimizer step, so the trial computes
+what one GPU would (the effective batch is micro-batch x accumulation x GPUs). The worker's process trains
+nothing: it answers rank 0's questions (report an eval, stop?) with the worker's own callbacks, so Optuna, the
+lease and the signal handlers stay where they are, and it stops every process when one fails or when a callback
+raises. NCCL between GPUs, gloo between CPU processes (what the tests run).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import signal
+import socket
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.train import Peers, Preempted, SweepData, TrialResult, run_trial
+from sweeper.errors import SweeperError, first_line
+from sweeper.spec import SweepSpec
+
+GRACE_S = 5  # how long the others get to say why, once one process failed
+
+
+def trial_devices(gpus_per_trial: int) -> list[str]:
+    """The devices one trial trains on: the first gpus_per_trial visible GPUs (fewer if fewer are visible)."""
+    return [f"cuda:{i}" for i in range(min(gpus_per_trial, torch.cuda.device_count()))]
+
+
+def run_trial_parallel(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_data: SweepData,
+                       report: Callable[[int, float], bool] | None = None, *, devices: list[str],
+                       precision: str | None = None, log: Callable[[str], None] = print,
+                       stop: Callable[[], str | None] | None = None) -> TrialResult:
+    """run_trial, on one process per device: the same arguments, result and exceptions (Preempted, the trainer's
+    errors), and a one-line SweeperError when a training process dies."""
+    context = mp.get_context("spawn")
+    data = SweepData(None, sweep_data.train, sweep_data.eval)  # the tokenizer stays here: training never uses it
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    links: list[Connection] = []
+    procs: list[mp.process.BaseProcess] = []
+    try:
+        for rank in range(len(devices)):
+            ours, theirs = context.Pipe()
+            proc = context.Process(target=_train_rank, name=f"sweeper-rank-{rank}", daemon=True,
+                                   args=(theirs, address, rank, devices, spec, params, trial_dir, data, precision))
+            proc.start()
+            procs.append(proc)
+            theirs.close()
+            links.append(ours)
+        log(f"  training on {len(devices)} processes at once ({', '.join(devices)})")
+        return _serve(links, procs, devices, report, stop, log)
+    except BaseException:
+        for proc in procs:  # a checkpoint is written before Preempted comes back, and is only ever renamed in
+            proc.kill()
+        raise
+    finally:
+        for proc in procs:  # they ignore SIGTERM: leaving is the worker's call
+            proc.join(timeout=GRACE_S)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _serve(links: list[Connection], procs, devices: list[str], report, stop, log) -> TrialResult:
+    """Answer rank 0 until a result, Preempted or a failure comes back."""
+    running = {proc.sentinel: rank for rank, proc in enumerate(procs)}
+    while True:
+        ready = wait([*links, *running])
+        for link in [r for r in ready if isinstance(r, Connection)]:
+            rank = links.index(link)
+            try:
+                kind, value = link.recv()
+            except EOFError:
+                continue  # the process has ended: its sentinel says how
+            if kind == "log":
+                log(value)
+            elif kind == "report":
+                link.send(report is not None and report(*value))
+            elif kind == "stop":
+                link.send(stop() if stop is not None else None)
+            elif kind == "result":
+                return value
+            elif kind == "preempted":
+                raise Preempted(*value)
+            else:  # "error"
+                raise _failure(links, procs, devices, rank, value) from None
+        for sentinel in [r for r in ready if r in running]:
+            rank = running.pop(sentinel)
+            if links[rank].poll():
+                running[sentinel] = rank  # what it sent before it ended comes first
+            elif rank == 0 or procs[rank].exitcode != 0:
+                raise _failure(links, procs, devices, rank, None) from None
+
+
+def _failure(links: list[Connection], procs, devices: list[str], rank: int,
+             error: BaseException | None) -> BaseException:
+    """What explains a failure: an error of the trainer's from any process; else a process that died without a
+    word (killed, out of host memory); else the collective error (another process went)."""
+    if error is not None and not _lost_a_peer(error):
+        return error
+    for proc in procs:
+        proc.join(timeout=GRACE_S)
+    said = {r: error if r == rank else _last_error(link) for r, link in enumerate(links)}
+    for e in said.values():
+        if e is not None and not _lost_a_peer(e):
+            return e
+    for r, e in said.items():
+        if e is None and procs[r].exitcode not in (0, None):
+            return SweeperError(f"the training process of rank {r} ({devices[r]}) died (exit {procs[r].exitcode}); "
+                                "the others were stopped")
+    return error or SweeperError(f"the training process of rank {rank} ({devices[rank]}) ended without a result")
+
+
+def _last_error(link: Connection) -> BaseException | None:
+    try:
+        while link.poll():
+            kind, value = link.recv()
+            if kind == "error":
+                return value
+    except (EOFError, OSError):
+        pass
+    return None
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """Whether the error is a collective failing because another process went (gloo: connection closed)."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_rank(link: Connection, address: str, rank: int, devices: list[str], spec: SweepSpec,
+                params: dict[str, Any], trial_dir: Path, data: SweepData, precision: str | None) -> None:
+    """One training process: join the group, train its share, send rank 0's result (or any error) back."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole group: the worker decides
+        signal.signal(signum, signal.SIG_IGN)
+    import torch.distributed as dist
+
+    from runner.train import quiet_libraries
+
+    quiet_libraries()
+    device = torch.device(devices[rank])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=address, rank=rank,
+                                world_size=len(devices), timeout=datetime.timedelta(minutes=10))
+        first = rank == 0
+
+        def ask(kind: str, value: Any = None) -> Any:
+            link.send((kind, value))
+            return link.recv()
+
+        result = run_trial(spec, params, trial_dir, data, (lambda k, loss: ask("report", (k, loss))) if first else None,
+                           device=str(device), precision=precision, peers=Peers(rank, len(devices)),
+                           log=(lambda line: link.send(("log", line))) if first else (lambda line: None),
+                           stop=(lambda: ask("stop")) if first else None)
+        if first:
+            link.send(("result", result))
+    except Preempted as e:
+        if rank == 0:
+            link.send(("preempted", (e.reason, e.checkpoint)))
+    except (EOFError, BrokenPipeError):
+        return  # the worker is gone
+    except BaseException as e:  # noqa: BLE001 - whatever it is, it goes back to the worker, one line
+        link.send(("error", _portable(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself if it survives pickling (the trainer's own errors, CUDA OOM), else its text."""
+    import pickle
+
+    error.__traceback__ = None
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001
+        return SweeperError(f"{type(error).__name__}: {first_line(error)}")
