@@ -10,8 +10,10 @@ raises. NCCL between GPUs, gloo between CPU processes (what the tests run).
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import multiprocessing as mp
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -21,11 +23,13 @@ from typing import Any
 
 import torch
 
-from runner.train import Peers, Preempted, SweepData, TrialResult, run_trial
+from runner.train import Peers, Preempted, SweepData, TrialResult, quiet_libraries, run_trial
 from sweeper.errors import SweeperError, first_line
 from sweeper.spec import SweepSpec
 
 GRACE_S = 5  # how long the others get to say why, once one process failed
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 may wait that long on a slow store or a Drive write
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def trial_devices(gpus_per_trial: int) -> list[str]:
@@ -48,8 +52,15 @@ def run_trial_parallel(spec: SweepSpec, params: dict[str, Any], trial_dir: Path,
         for rank in range(len(devices)):
             ours, theirs = context.Pipe()
             proc = context.Process(target=_train_rank, name=f"sweeper-rank-{rank}", daemon=True,
-                                   args=(theirs, address, rank, devices, spec, params, trial_dir, data, precision))
-            proc.start()
+                                   args=(theirs, address, rank, devices, spec, params, trial_dir, data, precision,
+                                         os.getpid()))
+            # Ctrl-C reaches the whole process group, Kaggle's SIGTERM maybe too: the worker alone decides to stop
+            # (it checkpoints first). Blocked while starting, the children inherit it; here it is only delayed.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                proc.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             procs.append(proc)
             theirs.close()
             links.append(ours)
@@ -69,21 +80,23 @@ def run_trial_parallel(spec: SweepSpec, params: dict[str, Any], trial_dir: Path,
 
 def _serve(links: list[Connection], procs, devices: list[str], report, stop, log) -> TrialResult:
     """Answer rank 0 until a result, Preempted or a failure comes back."""
+    unread = list(links)  # until they read EOF
     running = {proc.sentinel: rank for rank, proc in enumerate(procs)}
     while True:
-        ready = wait([*links, *running])
-        for link in [r for r in ready if isinstance(r, Connection)]:
+        ready = wait([*unread, *running])
+        for link in [r for r in ready if r in unread]:
             rank = links.index(link)
             try:
                 kind, value = link.recv()
-            except EOFError:
-                continue  # the process has ended: its sentinel says how
+            except (EOFError, OSError):  # OSError: it died with our answer unread
+                unread.remove(link)  # the process has ended: its sentinel says how
+                continue
             if kind == "log":
                 log(value)
             elif kind == "report":
-                link.send(report is not None and report(*value))
+                _answer(link, report is not None and report(*value))
             elif kind == "stop":
-                link.send(stop() if stop is not None else None)
+                _answer(link, stop() if stop is not None else None)
             elif kind == "result":
                 return value
             elif kind == "preempted":
@@ -92,10 +105,17 @@ def _serve(links: list[Connection], procs, devices: list[str], report, stop, log
                 raise _failure(links, procs, devices, rank, value) from None
         for sentinel in [r for r in ready if r in running]:
             rank = running.pop(sentinel)
-            if links[rank].poll():
+            if links[rank] in unread:
                 running[sentinel] = rank  # what it sent before it ended comes first
             elif rank == 0 or procs[rank].exitcode != 0:
                 raise _failure(links, procs, devices, rank, None) from None
+
+
+def _answer(link: Connection, value: Any) -> None:
+    try:
+        link.send(value)
+    except OSError:
+        pass  # it died meanwhile: its sentinel says so next
 
 
 def _failure(links: list[Connection], procs, devices: list[str], rank: int,
@@ -141,41 +161,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with(parent: int) -> None:
+    """Be killed when the worker's process dies, however it dies (Linux): a GPU is not left held by an orphan."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(0)  # it died before the call
+
+
 def _train_rank(link: Connection, address: str, rank: int, devices: list[str], spec: SweepSpec,
-                params: dict[str, Any], trial_dir: Path, data: SweepData, precision: str | None) -> None:
+                params: dict[str, Any], trial_dir: Path, data: SweepData, precision: str | None, parent: int) -> None:
     """One training process: join the group, train its share, send rank 0's result (or any error) back."""
-    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole group: the worker decides
+    _die_with(parent)
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     import torch.distributed as dist
 
-    from runner.train import quiet_libraries
+    def tell(kind: str, value: Any = None) -> None:
+        try:
+            link.send((kind, value))
+        except OSError:  # a broken pipe: the worker is gone
+            os._exit(0)
+
+    def ask(kind: str, value: Any = None) -> Any:
+        tell(kind, value)
+        try:
+            return link.recv()
+        except (EOFError, OSError):
+            os._exit(0)
 
     quiet_libraries()
-    device = torch.device(devices[rank])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    first, device = rank == 0, torch.device(devices[rank])
     try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=address, rank=rank,
-                                world_size=len(devices), timeout=datetime.timedelta(minutes=10))
-        first = rank == 0
-
-        def ask(kind: str, value: Any = None) -> Any:
-            link.send((kind, value))
-            return link.recv()
-
+                                world_size=len(devices), timeout=COLLECTIVE_TIMEOUT)
         result = run_trial(spec, params, trial_dir, data, (lambda k, loss: ask("report", (k, loss))) if first else None,
                            device=str(device), precision=precision, peers=Peers(rank, len(devices)),
-                           log=(lambda line: link.send(("log", line))) if first else (lambda line: None),
+                           log=(lambda line: tell("log", line)) if first else (lambda line: None),
                            stop=(lambda: ask("stop")) if first else None)
         if first:
-            link.send(("result", result))
+            tell("result", result)
     except Preempted as e:
-        if rank == 0:
-            link.send(("preempted", (e.reason, e.checkpoint)))
-    except (EOFError, BrokenPipeError):
-        return  # the worker is gone
+        if first:
+            tell("preempted", (e.reason, e.checkpoint))
     except BaseException as e:  # noqa: BLE001 - whatever it is, it goes back to the worker, one line
-        link.send(("error", _portable(e)))
+        tell("error", _portable(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

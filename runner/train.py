@@ -439,8 +439,6 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
         torch.cuda.reset_peak_memory_stats(dev)
 
     model = load_model(spec, cfg, dev, dtype)
-    if peers.size > 1:
-        torch.manual_seed(cfg.seed + peers.rank)  # the same LoRA init everywhere, each peer its own dropout
     model.train()
     train, evalset = to_tensors(sweep_data.train), to_tensors(sweep_data.eval)
     total_steps = max(1, len(sweep_data.train) // cfg.batch_size)
@@ -456,6 +454,8 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, params)
         log(f"resuming from {checkpoint} (step {state['step']}/{total_steps})")
     resumed_from = state["step"]
+    if peers.rank > 0:  # the same LoRA init as rank 0, but its own dropout (checkpoints keep rank 0's RNG)
+        torch.manual_seed(cfg.seed + 1_000_003 * peers.rank + state["step"])
     if state.get("gradient_checkpointing") and not is_checkpointing(model):
         enable_checkpointing(model)  # the interrupted run needed it to fit
     my_rows = max(1, len(range(peers.rank, cfg.batch_size, peers.size)))

@@ -155,7 +155,6 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                precision: str | None = None, log: Callable[[str], None] = print) -> WorkerSummary:
     """Join a study (None: the store's only one) and run trials until its budget is met, max_trials ran,
     or the session ends (deadline, SIGTERM, Ctrl-C: the running trial is checkpointed and handed over)."""
-    from runner import parallel
     from runner.train import Preempted, prepare_data, quiet_libraries, result_attrs, run_trial
 
     quiet_libraries()
@@ -165,9 +164,12 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
     optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
     study = optuna_study.study_name
     train = run_trial
-    if len(devices := parallel.trial_devices(spec.gpus_per_trial)) > 1:
-        train = functools.partial(parallel.run_trial_parallel, devices=devices)
-        platform = dataclasses.replace(platform, gpu_name=f"{len(devices)} x {platform.gpu_name}")  # its own timings
+    if spec.gpus_per_trial > 1:
+        from runner import parallel
+
+        if len(devices := parallel.trial_devices(spec.gpus_per_trial)) > 1:
+            train = functools.partial(parallel.run_trial_parallel, devices=devices)
+            platform = dataclasses.replace(platform, gpu_name=f"{len(devices)} x {platform.gpu_name}")  # own timings
     if isinstance(optuna_study._storage, DriveStorage):
         optuna_study._storage.shard_id = shard_name(summary.worker_id)  # our shard is named after us
     log(f"worker {summary.worker_id} on {platform.name} ({platform.gpu_name}) joins study {study!r}")
@@ -266,7 +268,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 finally:
                     heartbeat.stop()
                 failures_in_a_row = 0
-                gpu_seconds += result.wall_time_s
+                gpu_seconds += result.wall_time_s * result.gpus
                 trial.set_user_attr("result", result_attrs(result))
                 if result.pruned_at is not None:
                     optuna_study.tell(trial, state=TrialState.PRUNED)

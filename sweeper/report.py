@@ -93,7 +93,8 @@ def summary(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]]) ->
     finished = counts["COMPLETE"] + counts["PRUNED"]
     best = best_number(rows)
     best_text = f"best #{best}: {next(r for r in rows if r['number'] == best)['eval_loss']:.4f}" if best is not None else "no complete trial yet"
-    gpu_hours = sum(v or 0 for v in _attr_column(_attr_sources(rows), "wall_time_s")) / 3600
+    sources = _attr_sources(rows)  # a trial on two GPUs at once used two GPU-hours an hour
+    gpu_hours = sum((s or 0) * (g or 1) for s, g in zip(_attr_column(sources, "wall_time_s"), _attr_column(sources, "gpus"))) / 3600
     parts = [f"{k.lower()} {v}" for k, v in counts.items() if v]
     return f"study {study.study_name}: {finished}/{spec.n_trials} finished ({', '.join(parts) or 'no trials'}); {best_text}; {gpu_hours:.2f} GPU-hours"
 

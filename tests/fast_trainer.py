@@ -51,6 +51,7 @@ class TrialResult:  # the fields of runner.train.TrialResult that the worker and
     wall_time_s: float
     checkpoint: str
     resumed_from_step: int
+    gpus: int = 1
 
 
 class Preempted(Exception):

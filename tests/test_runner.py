@@ -322,6 +322,17 @@ def test_a_dead_training_process_fails_the_trial_in_one_line_and_stops_the_other
                            log=lambda s: None)
     assert not multiprocessing.active_children()
 
+    def freeze_rank_1_kill_rank_0(k, loss):  # no process left to say why (NCCL does not tell of a lost peer)
+        ranks = {p.name: p.pid for p in multiprocessing.active_children()}
+        os.kill(ranks["sweeper-rank-1"], signal.SIGSTOP)
+        os.kill(ranks["sweeper-rank-0"], signal.SIGKILL)
+        return False  # answered to a dead process
+
+    with pytest.raises(SweeperError, match=r"^the training process of rank 0 \(cpu\) died \(exit -9\)"):
+        run_trial_parallel(spec, PARAMS, tmp_path / "t1", sweep_data, freeze_rank_1_kill_rank_0,
+                           devices=["cpu", "cpu"], log=lambda s: None)
+    assert not multiprocessing.active_children()  # the frozen one too
+
     class Superseded(Exception):
         pass
 
