@@ -213,6 +213,23 @@ def test_an_unreachable_server_is_one_line_and_exit_1_without_the_password():
     assert message.startswith("cannot lock store postgresql://sweeper:***@") and PASSWORD not in message
 
 
+def test_a_server_that_never_answers_times_out_in_one_line(monkeypatch):
+    """A host that takes the connection and says nothing (a firewall, a paused VM): libpq alone would wait forever."""
+    import socket
+    import time
+
+    monkeypatch.setenv("SWEEPER_CONNECT_TIMEOUT_S", "2")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nobody ever reads or writes
+        url = f"postgresql://sweeper:{PASSWORD}@127.0.0.1:{silent.getsockname()[1]}/sweeps"
+        for attempt in (lambda: open_storage(url), lambda: store_lock(url).__enter__()):
+            started = time.monotonic()
+            with pytest.raises(SweeperError, match=r"^cannot (open|lock) store postgresql://sweeper:\*\*\*@.*timeout"):
+                attempt()
+            assert time.monotonic() - started < 30
+
+
 # ---------------------------------------------------------------------------------------------
 # Optuna's own heartbeat (RDB only) works on PostgreSQL too
 

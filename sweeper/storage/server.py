@@ -8,6 +8,7 @@ point twice; the other server stores have none.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import zlib
 from collections.abc import Iterator
@@ -37,10 +38,18 @@ def _engine_url(url: str) -> str:
     return f"{scheme}+{DEFAULT_DRIVER[scheme]}://{rest}" if scheme in DEFAULT_DRIVER else url
 
 
+def _connect_args(url: str) -> dict[str, int]:
+    """A connect timeout (SWEEPER_CONNECT_TIMEOUT_S, default 30 s) unless the URL sets one: libpq waits forever by
+    default, and a host that drops packets then held a worker for minutes before saying anything."""
+    if "connect_timeout=" in url:
+        return {}
+    return {"connect_timeout": int(float(os.environ.get("SWEEPER_CONNECT_TIMEOUT_S", "30")))}
+
+
 def open_rdb(url: str) -> BaseStorage:
     engine_url = _engine_url(url)
     try:
-        return RDBStorage(engine_url, engine_kwargs={"pool_pre_ping": True})
+        return RDBStorage(engine_url, engine_kwargs={"pool_pre_ping": True, "connect_args": _connect_args(url)})
     except ImportError:  # Optuna re-raises a missing DB driver as ImportError
         scheme = url.split(":", 1)[0].split("+")[0]
         raise UserError(f"the {scheme} driver is not installed; install {DRIVERS[scheme]}") from None
@@ -65,7 +74,8 @@ def postgres_lock(url: str) -> Iterator[None]:
 
     engine_url = _engine_url(url)
     try:
-        engine = sqlalchemy.create_engine(engine_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        engine = sqlalchemy.create_engine(engine_url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                                          connect_args=_connect_args(url))
     except ImportError:
         raise UserError(f"the postgresql driver is not installed; install {DRIVERS['postgresql']}") from None
     conn = None
