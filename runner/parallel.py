@@ -79,7 +79,7 @@ def run_trial_parallel(spec: SweepSpec, params: dict[str, Any], trial_dir: Path,
 
 
 def _serve(links: list[Connection], procs, devices: list[str], report, stop, log) -> TrialResult:
-    """Answer rank 0 until a result, Preempted or a failure comes back."""
+    """Answer rank 0 until a result, Preempted or a failure comes back; log what any of them says."""
     unread = list(links)  # until they read EOF
     running = {proc.sentinel: rank for rank, proc in enumerate(procs)}
     while True:
@@ -202,7 +202,7 @@ def _train_rank(link: Connection, address: str, rank: int, devices: list[str], s
                                 world_size=len(devices), timeout=COLLECTIVE_TIMEOUT)
         result = run_trial(spec, params, trial_dir, data, (lambda k, loss: ask("report", (k, loss))) if first else None,
                            device=str(device), precision=precision, peers=Peers(rank, len(devices)),
-                           log=(lambda line: tell("log", line)) if first else (lambda line: None),
+                           log=lambda line: tell("log", line if first else f"  [rank {rank}] {line.lstrip()}"),
                            stop=(lambda: ask("stop")) if first else None)
         if first:
             tell("result", result)

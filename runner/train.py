@@ -428,7 +428,8 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
               stop: Callable[[], str | None] | None = None, peers: Peers = ALONE) -> TrialResult:
     """Train one trial to its token budget, evaluating `budget.evals` times; resume from trial_dir if it holds a
     checkpoint. `stop` is asked after every step: a reason makes it checkpoint and raise Preempted. With peers,
-    rank 0 alone reports, is asked to stop and writes checkpoints; the others follow its answers."""
+    rank 0 alone reports, is asked to stop, writes checkpoints and logs the trial's progress; the others follow
+    its answers and log only what is their own (their micro-batch probe, running out of memory)."""
     started = time.perf_counter()
     cfg = spec.trial_config(params)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -452,7 +453,8 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
     checkpoint = latest_checkpoint(trial_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, params)
-        log(f"resuming from {checkpoint} (step {state['step']}/{total_steps})")
+        if peers.rank == 0:
+            log(f"resuming from {checkpoint} (step {state['step']}/{total_steps})")
     resumed_from = state["step"]
     if peers.rank > 0:  # the same LoRA init as rank 0, but its own dropout (checkpoints keep rank 0's RNG)
         torch.manual_seed(cfg.seed + 1_000_003 * peers.rank + state["step"])
@@ -502,8 +504,9 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
             k = eval_at[state["step"]]
             eval_loss = evaluate(model, evalset, micro, dev, dtype, peers)
             state["eval_losses"].append(eval_loss)
-            log(f"  eval {k}/{spec.budget.evals} step {state['step']}/{total_steps}: "
-                f"train {loss_value:.4f} eval {eval_loss:.4f}")
+            if peers.rank == 0:
+                log(f"  eval {k}/{spec.budget.evals} step {state['step']}/{total_steps}: "
+                    f"train {loss_value:.4f} eval {eval_loss:.4f}")
             if not math.isfinite(eval_loss):
                 raise NonFiniteLoss(f"eval loss became {eval_loss} at step {state['step']} ({_precision_name(dtype)})")
             if peers.first_says(report is not None and report(k, eval_loss), dev):

@@ -294,7 +294,7 @@ def best_config(study: optuna.Study, spec: SweepSpec) -> dict[str, Any]:
         "train": asdict(spec.trial_config(best["params"])),
         "budget_per_trial": asdict(spec.budget),
     }
-    measured = {k: v for k, v in info(best).items() if k in ("micro_batch", "grad_accum", "gpu", "precision")}
+    measured = {k: v for k, v in info(best).items() if k in ("micro_batch", "grad_accum", "gpus", "gpu", "precision")}
     if measured:
         config["measured_on_best_trial"] = measured
     return drop_none(config)
