@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import optuna
@@ -299,14 +302,10 @@ def test_two_processes_stop_checkpoint_resume_and_prune_together(demo_dir, sweep
                                  devices=["cpu", "cpu"], log=lambda s: None)
     assert resumed.resumed_from_step == 3 and resumed.pruned_at == 3
     assert resumed.eval_losses == pytest.approx(whole.eval_losses[:3], rel=1e-5)
-    assert not __import__("multiprocessing").active_children()
+    assert not multiprocessing.active_children()
 
 
 def test_a_dead_training_process_fails_the_trial_in_one_line_and_stops_the_others(demo_dir, sweep_data, tmp_path):
-    import multiprocessing
-    import os
-    import signal
-
     from runner.parallel import run_trial_parallel
     from sweeper.errors import SweeperError
 
