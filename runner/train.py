@@ -104,6 +104,7 @@ class TrialResult:
 
 def quiet_libraries() -> None:
     """Progress bars and deprecation chatter from transformers would bury the worker's own log."""
+    import logging
     import warnings
 
     import transformers
@@ -111,6 +112,14 @@ def quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    # Logged when bitsandbytes is imported, before any model: set up before that.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_cpu_inference_kernel_line)
+
+
+def _not_the_cpu_inference_kernel_line(record) -> bool:
+    """bitsandbytes on an AVX512-BF16 CPU asks for `pip install kernels`: that kernel serves only the inference-only
+    weight format the runner keeps its weights out of (keep_4bit_weights_trainable), so the line asks for nothing."""
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +173,8 @@ def load_model(spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: tor
         raise SweeperError(f"cannot load model {spec.model.id!r}: {first_line(e)}") from None
     model.config.use_cache = False  # a KV cache also turns off the packed-sequence masking
     if quant is not None:
+        if device.type == "cpu":
+            keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.model.gradient_checkpointing)
     elif spec.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -172,6 +183,18 @@ def load_model(spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: tor
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=spec.model.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def keep_4bit_weights_trainable(model) -> None:
+    """Keep every 4-bit weight in the format that trains: bitsandbytes 0.49+ (on a CPU with AVX512-BF16) repacks it
+    in place at the first eval-mode forward into an inference-only layout, whose kernel (gemv_4bit) has no backward
+    and which save_pretrained unpacks lossily (DESIGN.md). The layer's own switch for that is
+    `support_avx512bf16_for_cpu`; versions without it never repack. GPUs never repack: only CPU models get here."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def make_optimizer(model, cfg: TrainSpec, total_steps: int):

@@ -48,6 +48,29 @@ choices = [8, 16]
 GRID_SIZE = 8
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Say first what a result depends on, so a red run on one machine and a green one on another can be told
+    apart: bitsandbytes trains differently on a CPU with AVX512-BF16 (DESIGN.md), and versions move by the day."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    try:
+        cpu_flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                             if line.startswith("flags")).split(":", 1)[1].split())
+        cpu = ", ".join(f"{flag} {'yes' if flag in cpu_flags else 'no'}" for flag in ("avx512_bf16", "avx2"))
+    except (OSError, StopIteration):
+        cpu = "flags unknown (no /proc/cpuinfo)"
+    versions = []
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "optuna"):
+        try:
+            versions.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            versions.append(f"{name} not installed")
+    reporter.write_line(f"machine: CPU {cpu}; Python {sys.version.split()[0]}; " + ", ".join(versions))
+
+
 @pytest.fixture
 def spec_table() -> dict:
     """The small valid sweep as plain data, a fresh copy for each test to change."""

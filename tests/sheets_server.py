@@ -4,7 +4,8 @@ It serves what the gsheets store uses: spreadsheets.get, spreadsheets.batchUpdat
 values.get / batchGet / update / batchUpdate / append, and the service-account token flow (a JWT signed
 with the account's private key, verified here against its public key), so the real gspread and
 google-auth code runs against it. What the real service does that it reproduces, each switchable:
-- per-user read and write quotas per window, answering 429 (Google: 60 a minute each);
+- per-user read and write quotas per window, answering 429 (Google: 60 a minute each); windows timed by
+  the wall clock, or by a RequestClock for a test that must not depend on the machine's speed;
 - 401 for revoked credentials, 403 for a sheet not shared with the caller, 404 for a wrong id;
 - injected faults at `fault_rate`: a 500 before doing anything, a 429, a timeout *after* the request
   was applied (the write landed, the answer never comes), or "late": applied 2 x hang_s after the
@@ -28,6 +29,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,6 +51,19 @@ class Sheet:
     commits: list[tuple[int, int, int]] = field(default_factory=list)  # (seq, row index, rows inserted)
 
 
+class RequestClock:
+    """A clock that advances `step_s` each time it is read (once per request): quota windows then hold a fixed
+    number of requests, so a test of the quota gets the same 429s on a busy machine as on an idle one."""
+
+    def __init__(self, step_s: float):
+        self.step_s, self.now, self._lock = step_s, 0.0, threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.now += self.step_s
+            return self.now
+
+
 class ApiError(Exception):
     def __init__(self, code: int, status: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -61,8 +76,9 @@ class FakeSheets:
     def __init__(self, mode: str = "serialized", latency: tuple[float, float] = (0.0, 0.0), fault_rate: float = 0.0,
                  faults: tuple[str, ...] = ("500", "429", "timeout"), hang_s: float = 1.0,
                  read_quota: int | None = None, write_quota: int | None = None, quota_window_s: float = 60.0,
-                 seed: int | None = None, record: bool = False):
+                 seed: int | None = None, record: bool = False, clock: Callable[[], float] = time.time):
         assert mode in ("serialized", "racy")
+        self.clock = clock  # what quota windows and recorded events are timed by
         self.mode, self.latency, self.fault_rate, self.faults, self.hang_s = mode, latency, fault_rate, faults, hang_s
         self.quota = {"reads": read_quota, "writes": write_quota}
         self.quota_window_s = quota_window_s
@@ -182,7 +198,7 @@ class FakeSheets:
         return email
 
     def _count(self, email: str, kind: str) -> None:
-        now = time.time()
+        now = self.clock()
         with self.lock:
             self.stats[kind] += 1
             if self.events is not None:

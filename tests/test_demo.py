@@ -8,6 +8,7 @@ import sys
 
 import optuna
 from optuna.trial import TrialState
+from worker_log import foreign_lines
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,6 +24,7 @@ def test_demo_runs_a_real_sweep_and_prints_the_report_and_best_config(tmp_path):
     done = sweeper("demo", "--dir", "d", "--trials", "4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+    assert foreign_lines(done.stderr) == []  # the log is the user's: no bitsandbytes, tqdm or warning lines
     table, _, config_text = done.stdout.partition("study = ")
     assert "study demo: 4/4 finished" in table and "1e-05" in table and "0.3" in table
     config = tomllib.loads("study = " + config_text)

@@ -17,7 +17,7 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.testing.pytest_storages import StorageTestCase
 from optuna.trial import TrialState
-from sheets_server import FakeSheets
+from sheets_server import FakeSheets, RequestClock
 
 from sweeper.errors import SweeperError, UserError
 from sweeper.storage import open_storage
@@ -187,10 +187,13 @@ def test_a_repeated_op_id_is_dropped_first_copy_wins(sheet, fake):
 
 
 def test_429s_and_500s_are_retried_within_bounds(fake, account, monkeypatch):
+    # Nothing here depends on the machine's speed: quota windows of 5 requests (RequestClock), faults from a seed,
+    # no timeout a busy machine could hit, and no reads or waits on a timer (sync_s, settle_s); one writer.
     with FakeSheets(fault_rate=0.3, faults=("500", "429"), write_quota=3, read_quota=3, quota_window_s=0.25,
-                    seed=1) as flaky:
+                    seed=1, clock=RequestClock(0.05)) as flaky:
         acct = flaky.add_service_account()
-        use(monkeypatch, worker_env(flaky, acct, SWEEPER_GSHEETS_BACKOFF_CAP_S="0.2"))
+        use(monkeypatch, worker_env(flaky, acct, SWEEPER_GSHEETS_TIMEOUT_S="60", SWEEPER_GSHEETS_SYNC_S="3600",
+                                    SWEEPER_GSHEETS_SETTLE_S="0"))
         url = f"gsheets://{flaky.add_spreadsheet(editors=[acct['client_email']])}"
         study = optuna.create_study(storage=open_storage(url))
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=4)

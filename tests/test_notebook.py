@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from sweeper.cli import cli
 from sweeper.notebook import render
+from worker_log import foreign_lines
 
 PASSWORD = "pg-Secret-42"
 STORES = {
@@ -130,6 +131,7 @@ def test_the_local_notebook_runs_a_real_trial_on_a_jupyter_kernel(kernel, tmp_pa
     assert outputs["install"].strip() == ""  # skipped: the package is already here
     assert "platform: local; GPU: 0 x cpu" in outputs["gpu"] and "workers: 1; account: nb" in outputs["gpu"]
     assert "trial 0 complete: eval loss" in outputs["worker"] and "trials [0]; stopped: ran --max-trials 1" in outputs["worker"]
+    assert foreign_lines(outputs["gpu"] + "\n" + outputs["worker"]) == []  # no library chatter in the user's notebook
     (trial,) = optuna.load_study(study_name="demo", storage=store).get_trials()
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["worker"]["account"] == "nb"
     assert (tmp_path / "ck" / "demo").is_dir()

@@ -230,6 +230,76 @@ def test_chunked_loss_equals_the_models_own_loss_and_gradients(demo_dir, sweep_d
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+# ---------------------------------------------------------------------------------------------
+# The 4-bit base stays trainable on every CPU. bitsandbytes 0.49-0.50 repacks 4-bit weights in place into an
+# inference-only format at the first eval-mode forward on a CPU with AVX512-BF16 (DESIGN.md): these three fail
+# there without the fix, and on other CPUs still prove that an eval and a checkpoint leave training as it was.
+
+
+def four_bit_layers(model) -> list:
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers  # the QLoRA path, not a plain model
+    return layers
+
+
+def step_gradients(model, batch, n_items: int) -> list[torch.Tensor]:
+    from runner import train
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout draws
+    train.forward_loss(model, batch, torch.device("cpu"), torch.float32, n_items).backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.fixture
+def qlora_model(demo_dir, sweep_data):
+    from runner import train
+
+    spec = small_spec(demo_dir)
+    model = train.load_model(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32)
+    batch = {k: v[:4] for k, v in train.to_tensors(sweep_data.train).items()}
+    return model, batch, train.to_tensors(sweep_data.eval), spec.trial_config(PARAMS)
+
+
+def test_an_eval_leaves_the_lora_gradients_of_a_training_step_bit_identical(qlora_model):
+    from runner.train import evaluate, label_count
+
+    model, batch, evalset, _ = qlora_model
+    before = step_gradients(model, batch, label_count(batch["labels"]))
+    evaluate(model, evalset, 8, torch.device("cpu"), torch.float32)
+    after = step_gradients(model, batch, label_count(batch["labels"]))
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_no_4bit_layer_is_left_in_the_cpu_inference_format_after_an_eval(qlora_model):
+    from runner.train import evaluate
+
+    model, _, evalset, _ = qlora_model
+    evaluate(model, evalset, 8, torch.device("cpu"), torch.float32)
+    packed = [m for m in four_bit_layers(model) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert packed == []
+
+
+def test_an_eval_and_a_checkpoint_leave_the_4bit_base_weights_bit_identical(qlora_model, tmp_path):
+    from bitsandbytes.functional import dequantize_4bit
+
+    from runner.train import evaluate, make_optimizer, save_checkpoint
+
+    def base_weights():
+        return [dequantize_4bit(m.weight.data, m.weight.quant_state) for m in four_bit_layers(model)]
+
+    model, _, evalset, cfg = qlora_model
+    before = base_weights()
+    evaluate(model, evalset, 8, torch.device("cpu"), torch.float32)  # where bitsandbytes would repack them
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps=4)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                    {"step": 1, "params": PARAMS})  # where it would unpack them, lossily
+    assert all(torch.equal(a, b) for a, b in zip(before, base_weights()))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
 def test_bitsandbytes_8bit_optimizers_train(demo_dir, sweep_data, tmp_path, optimizer):
     table = small_spec(demo_dir, train_tokens=3_000, evals=1).to_dict()
