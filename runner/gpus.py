@@ -54,7 +54,7 @@ def gpu_groups(store: str, study: str | None = None, *, per_gpu: bool = True,
 
 def run_workers_per_gpu(store: str, study: str | None = None, *, per_gpu: bool = True, gpus: list[str] | None = None,
                         max_trials: int | None = None, account: str | None = None, checkpoint_root: str | None = None,
-                        deadline_hours: float | None = None, precision: str | None = None,
+                        deadline_hours: float | None = None, precision: str | None = None, allow_cpu: bool = False,
                         log: Callable[[str], None] = print) -> list[WorkerSummary]:
     """One `sweeper worker` process per GPU, or per group of the spec's gpus_per_trial GPUs (max_trials each), their
     output prefixed with the GPUs; with a single group (one GPU, none, per_gpu False), one worker in this process."""
@@ -64,7 +64,7 @@ def run_workers_per_gpu(store: str, study: str | None = None, *, per_gpu: bool =
             log(f"one worker for {len(groups[0])} GPUs: its trials train on the spec's gpus_per_trial of them "
                 "(per_gpu=True runs one worker per GPU)")
         return [run_worker(store, study, max_trials=max_trials, account=account, checkpoint_root=checkpoint_root,
-                           deadline_hours=deadline_hours, precision=precision, log=log)]
+                           deadline_hours=deadline_hours, precision=precision, allow_cpu=allow_cpu, log=log)]
 
     args = worker_args(study, max_trials, account, checkpoint_root, deadline_hours, precision)
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()

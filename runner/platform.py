@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeper.errors import SweeperError
+from sweeper.errors import SweeperError, UserError
+from sweeper.platforms import platform_name
 
 SESSION_HOURS = {"colab": 12.0, "kaggle": 12.0}
 
@@ -30,21 +31,6 @@ class Platform:
 
     def seconds_left(self) -> float:
         return self.deadline - time.time()
-
-
-def detect_platform_name(environ: dict[str, str] | None = None, ipython_repr: str | None = None) -> str:
-    """Kaggle first: its image also ships google.colab and COLAB_RELEASE_TAG (DESIGN.md)."""
-    environ = os.environ if environ is None else environ
-    if "KAGGLE_KERNEL_RUN_TYPE" in environ:
-        return "kaggle"
-    if ipython_repr is None:
-        try:
-            from IPython import get_ipython
-
-            ipython_repr = str(get_ipython())
-        except ImportError:
-            ipython_repr = ""
-    return "colab" if "google.colab" in ipython_repr else "local"
 
 
 def gpu_info() -> tuple[str, int, float]:
@@ -76,6 +62,17 @@ def torch_has_kernels(capability: int, arch_list: list[str]) -> bool:
     return False
 
 
+NO_GPU = {"colab": "Runtime > Change runtime type > T4 GPU (or another GPU), then Run all",
+          "kaggle": "Settings > Accelerator > GPU T4 x2, then Run all"}
+
+
+def require_gpu(platform: Platform, allow_cpu: bool = False) -> None:
+    """On Colab and Kaggle a worker without a GPU would hold its trial's lease for hours: stop, saying how to get one."""
+    if platform.gpu_count == 0 and platform.name in NO_GPU and not allow_cpu:
+        raise UserError(f"this {platform.name.capitalize()} session has no GPU: {NO_GPU[platform.name]} "
+                        "(or allow_cpu = True to train on the CPU, slowly)")
+
+
 def default_checkpoint_root(name: str) -> Path:
     if name == "kaggle":
         return Path("/kaggle/working/sweeper-checkpoints")
@@ -85,25 +82,39 @@ def default_checkpoint_root(name: str) -> Path:
     return Path(os.environ.get("SWEEPER_HOME", Path.home() / ".cache" / "sweeper")) / "checkpoints"
 
 
+def shared_checkpoints(platform: Platform) -> bool:
+    """Whether another worker can resume from this one's checkpoints: not from a notebook VM's own disk."""
+    return platform.name == "local" or platform.checkpoint_root.is_relative_to("/content/drive")
+
+
 def session_deadline(name: str, hours: float | None) -> float:
-    """Notebook sessions end about 12 h after the VM started; /proc/uptime says when that was."""
+    """Notebook sessions end about 12 h after they started (session_start); elsewhere only when asked."""
     if hours is None:
         env = os.environ.get("SWEEPER_DEADLINE_HOURS")
         hours = float(env) if env else SESSION_HOURS.get(name)
     if hours is None:
         return float("inf")
-    started = time.time()
-    if name in SESSION_HOURS and os.environ.get("SWEEPER_DEADLINE_HOURS") is None:
-        try:
-            started -= float(Path("/proc/uptime").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
+    explicit = os.environ.get("SWEEPER_DEADLINE_HOURS") is not None
+    started = session_start() if name in SESSION_HOURS and not explicit else time.time()
     return started + hours * 3600
+
+
+def session_start(proc: Path = Path("/proc")) -> float:
+    """When this notebook session began: the start of PID 1 of this process's PID namespace. Colab and Kaggle run
+    each session's runtime in a container, whose init starts with the session; /proc/uptime is the host's (Kaggle's
+    container shows the host's uptime) or a pooled VM's, booted long before its session. Now, if /proc says nothing."""
+    try:
+        ticks = int((proc / "1" / "stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        boot = next(float(line.split()[1]) for line in (proc / "stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def detect(account: str | None = None, checkpoint_root: str | Path | None = None,
            deadline_hours: float | None = None) -> Platform:
-    name = detect_platform_name()
+    name = platform_name()
     gpu, count, mem = gpu_info()
     label = account or os.environ.get("SWEEPER_ACCOUNT") or f"{name}:{getpass.getuser()}@{socket.gethostname()}"
     root = Path(checkpoint_root).expanduser() if checkpoint_root else default_checkpoint_root(name)

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from runner import data as D
-from sweeper.errors import SweeperError, first_line
+from runner.hub import cannot_load, check_model_source
+from sweeper.errors import SweeperError
 from sweeper.spec import SweepSpec, TrainSpec
 
 CPU_MAX_MICRO_BATCH = 8  # on the CPU memory is no limit; this keeps a step's latency modest
@@ -130,10 +131,11 @@ def prepare_data(spec: SweepSpec) -> SweepData:
     """Tokenize the dataset once per sweep: every trial trains on the same sequences."""
     from transformers import AutoTokenizer
 
+    check_model_source(spec.model.id)  # the worker's first look at the model: one clear line if it is not there
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model.id)
-    except OSError as e:
-        raise SweeperError(f"cannot load the tokenizer of {spec.model.id!r}: {first_line(e)}") from None
+    except (OSError, ValueError) as e:
+        raise cannot_load("tokenizer", spec.model.id, e) from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seq_len, seed = spec.model.max_seq_len, spec.train.seed
     docs = D.tokenize(D.load_records(spec.data), tokenizer, spec.data, seq_len)
@@ -169,8 +171,8 @@ def load_model(spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: tor
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.model.id, quantization_config=quant, dtype=dtype,
                                                      device_map={"": device}, attn_implementation="sdpa")
-    except (OSError, ValueError) as e:  # a missing folder or file; a config transformers does not know
-        raise SweeperError(f"cannot load model {spec.model.id!r}: {first_line(e)}") from None
+    except (OSError, ValueError) as e:  # a missing file; a config transformers does not know
+        raise cannot_load("model", spec.model.id, e) from None
     model.config.use_cache = False  # a KV cache also turns off the packed-sequence masking
     if quant is not None:
         if device.type == "cpu":
@@ -448,9 +450,11 @@ class Preempted(Exception):
 def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_data: SweepData,
               report: Callable[[int, float], bool] | None = None, *, device: str | None = None,
               precision: str | None = None, log: Callable[[str], None] = print,
-              stop: Callable[[], str | None] | None = None, peers: Peers = ALONE) -> TrialResult:
+              stop: Callable[[], str | None] | None = None, peers: Peers = ALONE,
+              progress: Callable[[int, int, float, float | None], None] | None = None) -> TrialResult:
     """Train one trial to its token budget, evaluating `budget.evals` times; resume from trial_dir if it holds a
-    checkpoint. `stop` is asked after every step: a reason makes it checkpoint and raise Preempted. With peers,
+    checkpoint. `stop` is asked after every step: a reason makes it checkpoint and raise Preempted. `progress` is
+    told (step, total steps, tokens/s, latest eval loss) after every step (runner/progress.py). With peers,
     rank 0 alone reports, is asked to stop, writes checkpoints and logs the trial's progress; the others follow
     its answers and log only what is their own (their micro-batch probe, running out of memory)."""
     started = time.perf_counter()
@@ -535,6 +539,9 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
             if peers.first_says(report is not None and report(k, eval_loss), dev):
                 pruned_at = k
                 break
+        if progress is not None:
+            progress(state["step"], total_steps, state["tokens"] / state["train_seconds"],
+                     state["eval_losses"][-1] if state["eval_losses"] else None)
         saved = peers.rank == 0 and (state["step"] % spec.budget.checkpoint_every == 0 or state["step"] == total_steps)
         if saved:
             checkpoint = save_checkpoint(trial_dir, model, optimizer, scheduler, scaler, state)
@@ -584,7 +591,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("sweeper", "torch", "transformers", "peft", "bitsandbytes", "optuna"):
+    for name in ("sweeper-qlora", "torch", "transformers", "peft", "bitsandbytes", "optuna"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

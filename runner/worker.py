@@ -23,10 +23,11 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from runner.platform import Platform, detect
+from runner.platform import Platform, detect, require_gpu, shared_checkpoints
+from runner.progress import TrialBar, watched
 from sweeper.errors import SweeperError, first_line
-from sweeper.leases import (RESUME_FROM, RESUMES, Heartbeat, Watcher, hand_over, superseded, take_over_stale,
-                            trial_key)
+from sweeper.leases import (RESUME_FROM, RESUMES, Heartbeat, Watcher, hand_over, record_worker_stop, superseded,
+                            take_over_stale, trial_key)
 from sweeper.spec import SweepSpec
 from sweeper.storage import lease_timing
 from sweeper.storage.drive import DriveStorage, drop_lost_claim, shard_name
@@ -152,28 +153,41 @@ def _resume_into(trial_dir: Path, resume_from: str, log: Callable[[str], None]) 
 
 def run_worker(store: str, study: str | None = None, *, max_trials: int | None = None, account: str | None = None,
                checkpoint_root: str | None = None, deadline_hours: float | None = None,
-               precision: str | None = None, log: Callable[[str], None] = print) -> WorkerSummary:
+               precision: str | None = None, allow_cpu: bool = False,
+               log: Callable[[str], None] = print) -> WorkerSummary:
     """Join a study (None: the store's only one) and run trials until its budget is met, max_trials ran,
-    or the session ends (deadline, SIGTERM, Ctrl-C: the running trial is checkpointed and handed over)."""
+    or the session ends (deadline, SIGTERM, Ctrl-C: the running trial is checkpointed and handed over).
+    On Colab and Kaggle it refuses to start without a GPU unless allow_cpu."""
     from runner.train import Preempted, prepare_data, quiet_libraries, result_attrs, run_trial
 
     quiet_libraries()
     platform = detect(account, checkpoint_root, deadline_hours)
+    require_gpu(platform, allow_cpu)
     summary = WorkerSummary(f"{platform.account}/{uuid.uuid4().hex[:8]}")
     worker_seed = zlib.crc32(summary.worker_id.encode())
     optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
     study = optuna_study.study_name
     train = run_trial
+    show_bars = watched()  # one process trains: its steps can be shown as they go
     if spec.gpus_per_trial > 1:
         from runner import parallel
 
         if len(devices := parallel.trial_devices(spec.gpus_per_trial)) > 1:
-            train = functools.partial(parallel.run_trial_parallel, devices=devices)
+            train, show_bars = functools.partial(parallel.run_trial_parallel, devices=devices), False
             platform = dataclasses.replace(platform, gpu_name=f"{len(devices)} x {platform.gpu_name}")  # own timings
     if isinstance(optuna_study._storage, DriveStorage):
         optuna_study._storage.shard_id = shard_name(summary.worker_id)  # our shard is named after us
     log(f"worker {summary.worker_id} on {platform.name} ({platform.gpu_name}) joins study {study!r}")
-    sweep_data = prepare_data(spec)
+    if not shared_checkpoints(platform):
+        log(f"checkpoints go to {platform.checkpoint_root}, which only this machine sees: a trial killed here "
+            "restarts from step 0 elsewhere" + (" (a checkpoint_root under /content/drive shares them)"
+                                                 if platform.name == "colab" else ""))
+    identity = {"id": summary.worker_id, "account": platform.account, "platform": platform.name, "gpu": platform.gpu_name}
+    try:
+        sweep_data = prepare_data(spec)
+    except SweeperError as e:  # the model or the data is not there: say so in the store, not only here
+        record_worker_stop(optuna_study, identity, str(e))
+        raise
     log(f"data: {len(sweep_data.train)} train and {len(sweep_data.eval)} eval sequences of {spec.model.max_seq_len} tokens")
 
     failures_in_a_row = 0
@@ -215,8 +229,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     trial = None
                     time.sleep(min(heartbeat_s, 30))  # let the store show us what the others started
                     continue
-                trial.set_user_attr("worker", {"id": summary.worker_id, "account": platform.account,
-                                               "platform": platform.name, "gpu": platform.gpu_name})
+                trial.set_user_attr("worker", identity)
                 summary.trials.append(trial.number)
                 log(f"trial {trial.number}: {params}")
                 views(trial.number)
@@ -236,11 +249,13 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 trial_dir = platform.checkpoint_root / study / _trial_folder(optuna_study, trial)
                 heartbeat = Heartbeat(optuna_study._storage, trial._trial_id, {**lease, "checkpoint": str(trial_dir)},
                                       heartbeat_s, log)
+                bar = TrialBar(trial.number) if show_bars else None
                 try:
                     check_place()  # a resume whose place another holds stops before it starts
                     if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
                         _resume_into(trial_dir, resume_from, log)
-                    result = train(spec, params, trial_dir, sweep_data, report, precision=precision, log=log, stop=stop)
+                    shown = {"progress": bar, "log": bar.above(log)} if bar is not None else {"log": log}  # one process
+                    result = train(spec, params, trial_dir, sweep_data, report, precision=precision, stop=stop, **shown)
                     check_place()  # once more before the result goes in
                 except Preempted as e:
                     heartbeat.stop()
@@ -263,10 +278,14 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     log(f"trial {trial.number} failed: {reason_text}")
                     failures_in_a_row += 1
                     if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                        raise SweeperError(f"{failures_in_a_row} trials failed in a row; last: {reason_text}") from None
+                        why = f"{failures_in_a_row} trials failed in a row; last: {reason_text}"
+                        record_worker_stop(optuna_study, identity, why)
+                        raise SweeperError(why) from None
                     continue
                 finally:
                     heartbeat.stop()
+                    if bar is not None:
+                        bar.close()
                 failures_in_a_row = 0
                 gpu_seconds += result.wall_time_s * result.gpus
                 trial.set_user_attr("result", result_attrs(result))

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from sweeper import __version__, report
 from sweeper.errors import SweeperError, UserError
+from sweeper.leases import stopped_workers
 from sweeper.spec import load_spec
 from sweeper.storage import BACKENDS
 
@@ -100,7 +101,10 @@ def report_command(store: str, study: str | None, as_json: bool, as_csv: bool) -
     elif as_csv:
         click.echo(report.to_csv(spec, rows), nl=False)
     else:
-        report.render_table(optuna_study, spec, rows, Console(width=max(160, Console().width)))
+        console = Console(width=max(160, Console().width))
+        report.render_table(optuna_study, spec, rows, console)
+        for line in stopped_workers(optuna_study):
+            console.print(line, style="red", markup=False, highlight=False)
 
 
 @cli.command()
@@ -131,14 +135,15 @@ def best(store: str, study: str | None, export: Path | None, as_json: bool) -> N
 @click.option("--checkpoint-root", type=click.Path(file_okay=False), help="Where trial checkpoints go (default: per platform).")
 @click.option("--deadline-hours", type=click.FloatRange(min=0), help="Session length; no trial starts that cannot finish in it.")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), help="Override the automatic choice.")
+@click.option("--allow-cpu", is_flag=True, help="On Colab or Kaggle, train on the CPU when there is no GPU (slow).")
 def worker(store: str, study: str | None, max_trials: int | None, account: str | None, checkpoint_root: str | None,
-           deadline_hours: float | None, precision: str | None) -> None:
+           deadline_hours: float | None, precision: str | None, allow_cpu: bool) -> None:
     """Join a study: claim trials (enqueued first), fine-tune, write results back."""
     from runner import run_worker
 
     summary = run_worker(store, study, max_trials=max_trials, account=account,
                          checkpoint_root=checkpoint_root, deadline_hours=deadline_hours, precision=precision,
-                         log=lambda line: err.print(line))
+                         allow_cpu=allow_cpu, log=lambda line: err.print(line))
     click.echo(json.dumps({"worker": summary.worker_id, "trials": summary.trials, "stop_reason": summary.stop_reason}))
 
 
@@ -172,8 +177,9 @@ def demo(folder: Path, trials: int) -> None:
 
 
 install_option = click.option("--install", metavar="REQUIREMENT",
-                              help="pip requirement for the notebook's install cell, e.g. 'sweeper[runner] @ git+URL@TAG' "
-                                   "(default: sweeper[runner]==VERSION; none for --platform local).")
+                              help="pip requirement for the notebook's install cell, e.g. "
+                                   "'sweeper-qlora[runner] @ git+URL@TAG' (default: this sweeper's own code, carried "
+                                   "in the notebook; none for --platform local).")
 
 
 @cli.command(name="notebook")
@@ -185,16 +191,20 @@ install_option = click.option("--install", metavar="REQUIREMENT",
 @click.option("--checkpoint-root", help="Where trial checkpoints go (default: per platform).")
 @click.option("--deadline-hours", type=click.FloatRange(min=0), help="Session length (default: per platform).")
 @install_option
+@click.option("--allow-cpu", is_flag=True, help="Let the notebook train on the CPU when its session has no GPU.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .ipynb file to write.")
 def notebook_command(platform: str, store: str, study: str | None, account: str | None, max_trials: int | None,
-                     checkpoint_root: str | None, deadline_hours: float | None, install: str | None, output: Path) -> None:
+                     checkpoint_root: str | None, deadline_hours: float | None, install: str | None, allow_cpu: bool,
+                     output: Path) -> None:
     """Write a runner notebook for Colab, Kaggle or this machine: upload it and Run all."""
     from sweeper import notebook
 
     nb = notebook.render(platform, store, study, account=account, max_trials=max_trials, checkpoint_root=checkpoint_root,
-                         deadline_hours=deadline_hours, install=install)
+                         deadline_hours=deadline_hours, install=install, allow_cpu=allow_cpu)
     notebook.write(nb, output)
+    if (warning := notebook.study_warning(store, study)) is not None:
+        err.print(warning, style="yellow", markup=False, highlight=False)
     needed = notebook.secrets_needed(store)
     err.print(f"wrote {output} for {platform}" + (f"; it reads the secrets {', '.join(needed)}" if needed else ""))
 

@@ -22,13 +22,12 @@ from sweeper import notebook
 from sweeper.errors import SweeperError, UserError, first_line
 
 # machine_shape values the Kaggle API takes (kagglesdk's ApiSaveKernelRequest docs; kaggle-cli docs/kernels.md):
-# NvidiaTeslaT4 is the editor's "GPU T4 x2" (there is no single-T4 shape). Kaggle's torch has no P100 (sm_60) kernels.
+# NvidiaTeslaT4 is the editor's "GPU T4 x2" (there is no single-T4 shape). NvidiaTeslaP100 is retired (the client says so).
 MACHINE_SHAPES = {"t4x2": "NvidiaTeslaT4", "p100": "NvidiaTeslaP100"}
 NOTEBOOK_ACCELERATORS = {"t4x2": "nvidiaTeslaT4", "p100": "nvidiaTeslaP100"}
 MAX_SESSION_HOURS = 12.0
 CREDENTIALS_HELP = ("set KAGGLE_API_TOKEN to a token from https://www.kaggle.com/settings/api (or KAGGLE_USERNAME "
                     "and KAGGLE_KEY, or put kaggle.json in ~/.kaggle)")
-LOCAL_STORES = ("sqlite://", "journal://", "drive://")
 
 
 def _timeout_s() -> float:
@@ -128,7 +127,7 @@ def _secrets(api=None) -> list[str]:
 def _api():
     """An authenticated KaggleApi and the username it acts as; UserError when no credentials work."""
     if importlib.util.find_spec("kaggle") is None:
-        raise UserError("the kaggle client is not installed: pip install 'sweeper[kaggle]'")
+        raise UserError("the kaggle client is not installed: pip install 'sweeper-qlora[kaggle]'")
     holder: dict[str, Any] = {}
 
     def sign_in():
@@ -158,9 +157,7 @@ def _api():
 def launch(store: str, study: str, *, gpu: str = "t4x2", timeout_hours: float | None = None, account: str | None = None,
            install: str | None = None, private: bool = True, log: Callable[[str], None] = print) -> str:
     """Push the rendered Kaggle notebook as a new version of <username>/sweeper-<study> and start it; its URL."""
-    if store.startswith(LOCAL_STORES):
-        raise UserError(f"a Kaggle notebook cannot reach the store {notebook.shown(store)!r}: it lives on this machine's disk; "
-                        "use gsheets:// or a server store (`sweeper stores`)")
+    notebook.check_reachable("kaggle", store)  # before asking Kaggle anything
     if timeout_hours is not None and not 0 < timeout_hours <= MAX_SESSION_HOURS:
         raise UserError(f"--timeout must be more than 0 and at most {MAX_SESSION_HOURS:g} hours (Kaggle's session limit)")
     api, username = _api()
@@ -180,7 +177,8 @@ def launch(store: str, study: str, *, gpu: str = "t4x2", timeout_hours: float | 
     log(f"pushed {metadata['id']} version {response.version_number} ({'private' if private else 'public'}, "
         f"{gpu}, internet on); it starts now: {url}")
     if gpu == "p100":
-        log("note: Kaggle's current torch has no kernels for the P100 (sm_60); the runner will stop with that. t4x2 works")
+        # What kaggle 2.2 itself says of the shape: "'NvidiaTeslaP100' is retired. Sessions run on the default GPU".
+        log("note: Kaggle has retired the P100: the session runs on Kaggle's default GPU (T4 x2) instead")
     needed = notebook.secrets_needed(store)
     if needed:
         log(f"the notebook reads the Kaggle secrets {', '.join(needed)}: attach them once in the Kaggle editor "

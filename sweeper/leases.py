@@ -30,9 +30,24 @@ LEASE = "sweeper:lease"
 RESUMES = "resumes"  # user attr: the key (trial_key) of the trial this one continues
 RESUME_FROM = "resume_from"  # user attr: the checkpoint folder to resume from
 STALE_REASON = "stale_reason"  # user attr on a trial failed by a takeover
+WORKER_STOPPED = "worker_stopped:"  # study user attr per worker that gave up: who, where, why
 GRACE_BEATS = 3
 NOT_RETRIED = ("surplus:", "claim lost:")  # failures that lost nothing: another trial holds the place
 # (a drive claim that lost is failed "claim lost: ..." by whoever finds out: the worker or the store's own settle)
+
+
+def record_worker_stop(study: optuna.Study, worker: dict[str, Any], reason: str) -> None:
+    """Say in the store why a worker gave up (a model it cannot load, trials failing in a row), for the whole team."""
+    try:
+        study.set_user_attr(WORKER_STOPPED + worker["id"], {**worker, "reason": reason, "at": time.time()})
+    except Exception:  # noqa: BLE001  the store may be what failed; the worker's own error is the one to raise
+        pass
+
+
+def stopped_workers(study: optuna.Study) -> list[str]:
+    """One line per worker that gave up, oldest first."""
+    stops = sorted((v for k, v in study.user_attrs.items() if k.startswith(WORKER_STOPPED)), key=lambda v: v["at"])
+    return [f"worker {s['id']} ({s['account']}, {s['platform']}, {s['gpu']}) stopped: {s['reason']}" for s in stops]
 
 
 def trial_key(trial: FrozenTrial) -> int | str:

@@ -1,26 +1,30 @@
-"""`sweeper notebook`: a runner notebook for Colab, Kaggle or this machine, from templates/<platform>.ipynb.
+"""`sweeper notebook`: a runner notebook for Colab, Kaggle or this machine, from templates/<platform>.ipynb
+(installed as the package sweeper.templates).
 
-Rendering fills in the papermill-style `parameters` cell only; the other cells are the template's. No secret is
+Rendering fills in the papermill-style `parameters` cell and the `sweeper-code` cell; the other cells are the
+template's. By default a Colab or Kaggle notebook carries this install's own code as a wheel (sweeper/wheel.py) and
+installs it from there, so the notebook runs exactly the sweeper that rendered it, published or not. No secret is
 ever written into a notebook: a store URL holding a password is left out, and the notebook reads it from the
 secret SWEEPER_STORE instead.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from importlib.resources import files
 from pathlib import Path
 
 import nbformat
 
-from sweeper import __version__
-from sweeper.errors import SweeperError, UserError
+from sweeper import __version__, wheel
+from sweeper.errors import SweeperError, UserError, first_line
+from sweeper.platforms import STORE_SECRET
 from sweeper.storage import redact
 
 PLATFORMS = ("colab", "kaggle", "local")
-STORE_SECRET = "SWEEPER_STORE"
 GSHEETS_SECRET = "SWEEPER_GSHEETS_CREDENTIALS"  # the name sweeper.storage.google_auth reads
-DEFAULT_INSTALL = f"sweeper[runner]=={__version__}"
+LOCAL_FILE_STORES = ("sqlite:", "journal:")
 
 
 SECRET_QUERY = re.compile(r"([?&](?:password|passwd|pwd|token|secret)=)[^&]*", re.I)
@@ -42,38 +46,80 @@ def secrets_needed(store: str) -> list[str]:
 
 def render(platform: str, store: str, study: str | None = None, *, account: str | None = None,
            max_trials: int | None = None, checkpoint_root: str | None = None, deadline_hours: float | None = None,
-           install: str | None = None, per_gpu: bool = True) -> nbformat.NotebookNode:
-    """The platform's template with its parameters cell filled in; install None: the pinned package, none locally."""
+           install: str | None = None, per_gpu: bool = True, allow_cpu: bool = False) -> nbformat.NotebookNode:
+    """The platform's template with its parameters filled in. install None: this sweeper's own code, carried in the
+    notebook (Colab, Kaggle) or already installed (local); otherwise the pip requirement the install cell runs."""
     if platform not in PLATFORMS:
         raise UserError(f"unknown platform {platform!r}; one of {', '.join(PLATFORMS)}")
     if not re.match(r"^[a-z][a-z0-9+.-]*://", store or ""):
         raise UserError(f"malformed store URL {shown(store)!r}; `sweeper stores` lists the kinds")
-    if platform == "kaggle" and store.startswith("drive://"):
-        raise UserError("Kaggle cannot mount Google Drive, so it cannot use a drive:// store; use gsheets:// "
-                        "(README: A Google Sheet as the store)")
-    if install is None:
-        install = "" if platform == "local" else DEFAULT_INSTALL
-    if re.search(r"://[^/@\s]+@", install):
+    check_reachable(platform, store)
+    if install is None and platform == "local":
+        install = ""
+    if install and re.search(r"://[^/@\s]+@", install):
         raise UserError("the install requirement holds a credential (https://user@host or user:token@host); "
                         "give one that needs none, e.g. a public git URL or a package version")
-    nb = nbformat.reads(files("sweeper").joinpath("templates", f"{platform}.ipynb").read_text(), as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    wheel_name, wheel_bytes = wheel.build() if install is None else (None, None)
+    nb = nbformat.reads(files("sweeper.templates").joinpath(f"{platform}.ipynb").read_text(), as_version=4)
     secret = store_has_secret(store)
-    values = {"store": None if secret else store, "study": study, "account": account, "max_trials": max_trials,
-              "checkpoint_root": checkpoint_root, "deadline_hours": deadline_hours, "install": install,
-              "secrets": secrets_needed(store), "per_gpu": per_gpu}
+    fill(nb, "parameters", {"store": None if secret else store, "study": study, "account": account,
+                            "max_trials": max_trials, "checkpoint_root": checkpoint_root,
+                            "deadline_hours": deadline_hours, "install": install, "secrets": secrets_needed(store),
+                            "per_gpu": per_gpu, "allow_cpu": allow_cpu},
+         {"store": f"  # {shown(store)}: read from the secret {STORE_SECRET}, never written here"} if secret else {})
+    fill(nb, "sweeper-code", {"rendered_by": __version__, "wheel_name": wheel_name,
+                              "wheel_base64": base64.b64encode(wheel_bytes).decode() if wheel_bytes else None})
+    nbformat.validate(nb)
+    return nb
+
+
+def check_reachable(platform: str, store: str) -> None:
+    """A Colab or Kaggle machine cannot open a file on this one, nor Kaggle a Drive folder."""
+    if platform == "local":
+        return
+    name = platform.capitalize()
+    if store.startswith(LOCAL_FILE_STORES):
+        raise UserError(f"a {name} notebook cannot reach {shown(store)}: that store is a file on this machine; use "
+                        "gsheets:// (README: A Google Sheet as the store)" + (" or drive://" if platform == "colab" else "")
+                        + ", or a database server")
+    if store.startswith("drive://") and platform == "kaggle":
+        raise UserError("Kaggle cannot mount Google Drive, so it cannot use a drive:// store; use gsheets:// "
+                        "(README: A Google Sheet as the store)")
+    if store.startswith("drive://") and not store.startswith("drive:///content/drive/"):
+        raise UserError(f"a Colab notebook sees Google Drive under /content/drive: give the folder as "
+                        f"drive:///content/drive/MyDrive/..., not {shown(store)}")
+
+
+def study_warning(store: str, study: str | None) -> str | None:
+    """A warning when the store, read from here, holds no such study: the notebook would stop at its first trial.
+    Not for drive:// (Colab's folder, not this machine's); a store this machine cannot read is said, not refused."""
+    if study is None or store.startswith("drive://"):
+        return None
+    import optuna
+
+    from sweeper.storage import open_storage
+
+    try:
+        names = optuna.get_all_study_names(open_storage(store))
+    except Exception as e:  # noqa: BLE001  only a warning: the notebook's machine may well reach what this one cannot
+        return f"warning: could not read {shown(store)} from here to check study {study!r} ({first_line(e)})"
+    if study not in names:
+        held = ", ".join(repr(n) for n in names) or "no study"
+        return f"warning: {shown(store)} holds {held}, not study {study!r}: run sweeper init first"
+    return None
+
+
+def fill(nb: nbformat.NotebookNode, cell_id: str, values: dict, comments: dict[str, str] | None = None) -> None:
+    """Set `name = value` lines of one cell, keeping their comments (or replacing them from `comments`)."""
+    cell = next(c for c in nb.cells if c.get("id") == cell_id)
     lines = []
     for line in cell.source.splitlines():
         match = re.match(r"^(\w+) = .*?(  # .*)?$", line)
         if match and match.group(1) in values:
-            name, comment = match.group(1), match.group(2) or ""
-            if name == "store" and secret:
-                comment = f"  # {shown(store)}: read from the secret {STORE_SECRET}, never written here"
-            line = f"{name} = {values[name]!r}{comment}"
+            name = match.group(1)
+            line = f"{name} = {values[name]!r}{(comments or {}).get(name, match.group(2) or '')}"
         lines.append(line)
     cell.source = "\n".join(lines)
-    nbformat.validate(nb)
-    return nb
 
 
 def write(nb: nbformat.NotebookNode, path: Path) -> None:

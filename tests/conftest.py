@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -103,3 +104,53 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         shutil.copyfile(request.getfixturevalue("empty_sqlite_db"), path)
         return f"sqlite:///{path}"
     return f"journal://{tmp_path / 'sweep.log'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook platforms, with stand-ins for their own modules (tests/platforms/README.md)
+
+PLATFORM_STANDINS = Path(__file__).parent / "platforms"
+PLATFORM_ENV = ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_USER_SECRETS_TOKEN", "SWEEPER_FAKE_COLAB_SECRETS",
+                "SWEEPER_FAKE_COLAB_LOGIN", "SWEEPER_FAKE_KAGGLE_SECRETS", "SWEEPER_FAKE_KAGGLE_INTERNET")
+
+
+class NotebookPlatform:
+    """What a test sets of a platform: the secrets a person added (and whether the notebook may read them)."""
+
+    def __init__(self, name: str, monkeypatch: pytest.MonkeyPatch):
+        self.name, self.monkeypatch = name, monkeypatch
+
+    def secrets(self, **values: str | tuple[str, bool]) -> None:
+        """NAME="value" (readable), or on Colab NAME=("value", False): it exists, notebook access off."""
+        if self.name == "colab":
+            panel = {k: {"value": v[0], "access": v[1]} if isinstance(v, tuple) else {"value": v, "access": True}
+                     for k, v in values.items()}
+            self.monkeypatch.setenv("SWEEPER_FAKE_COLAB_SECRETS", json.dumps(panel))
+        else:
+            self.monkeypatch.setenv("SWEEPER_FAKE_KAGGLE_SECRETS", json.dumps(values))
+
+
+def _as_platform(name: str, monkeypatch: pytest.MonkeyPatch):
+    for var in PLATFORM_ENV:
+        monkeypatch.delenv(var, raising=False)
+    if name == "colab":
+        monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-20261201-060000-RC00")
+    else:
+        monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+        monkeypatch.setenv("KAGGLE_USER_SECRETS_TOKEN", "fake-kernel-jwt")
+    monkeypatch.syspath_prepend(str(PLATFORM_STANDINS))
+    yield NotebookPlatform(name, monkeypatch)
+    for module in [m for m in sys.modules if m.startswith("google.colab") or m == "kaggle_secrets"]:
+        del sys.modules[module]
+
+
+@pytest.fixture
+def on_colab(monkeypatch):
+    """This process on Colab: COLAB_RELEASE_TAG set, the stand-in google.colab importable."""
+    yield from _as_platform("colab", monkeypatch)
+
+
+@pytest.fixture
+def on_kaggle(monkeypatch):
+    """This process in a Kaggle notebook: KAGGLE_KERNEL_RUN_TYPE and its secrets token set, kaggle_secrets importable."""
+    yield from _as_platform("kaggle", monkeypatch)

@@ -25,6 +25,7 @@ def test_demo_runs_a_real_sweep_and_prints_the_report_and_best_config(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert foreign_lines(done.stderr) == []  # the log is the user's: no bitsandbytes, tqdm or warning lines
+    assert "%|" not in done.stderr  # read later (a pipe, a batch log): the eval lines, no progress bar
     table, _, config_text = done.stdout.partition("study = ")
     assert "study demo: 4/4 finished" in table and "1e-05" in table and "0.3" in table
     config = tomllib.loads("study = " + config_text)
@@ -61,3 +62,34 @@ def test_demo_into_an_unwritable_folder_is_one_line_and_exit_1(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("Error: cannot write the demo into /proc/sweeper-demo")
     assert "Traceback" not in done.stderr
+
+
+def sweep_with_model(tmp_path, model_id: str) -> str:
+    from conftest import SPEC_TOML
+
+    (tmp_path / "sweep.toml").write_text(SPEC_TOML.replace('id = "tiny/model"', f'id = "{model_id}"'))
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweeper("init", "sweep.toml", "--store", store, cwd=tmp_path).returncode == 0
+    return store
+
+
+def test_a_model_id_that_is_no_folder_is_one_line_and_the_store_says_which_worker_stopped(tmp_path):
+    store = sweep_with_model(tmp_path, "/no/such/model")
+    done = sweeper("worker", "--store", store, "--account", "ana", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "Error: model.id '/no/such/model' is a path, and there is no folder there"
+    report = sweeper("report", "--store", store, cwd=tmp_path).stdout
+    assert "(ana, local, cpu) stopped: model.id '/no/such/model' is a path, and there is no folder there" in report
+
+
+def test_a_hub_model_without_internet_fails_after_one_try_in_one_line(tmp_path):
+    import os
+
+    store = sweep_with_model(tmp_path, "team/tiny-model")
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}  # nothing listens
+    done = subprocess.run([sys.executable, "-m", "sweeper.cli", "worker", "--store", store], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Retrying" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "Error: cannot download model 'team/tiny-model' from the Hugging Face Hub: no internet: enable it "
+        "(on Kaggle: Settings > Internet) or point model.id at a local copy")

@@ -344,30 +344,39 @@ def test_sweeper_init_prepares_the_sheet_and_a_worker_reads_the_spec_back(sheet,
 # Credentials and the one-line errors
 
 
-def test_no_credentials_anywhere_says_where_to_put_them(monkeypatch):
-    monkeypatch.setattr("sweeper.storage.google_auth._colab_secret", lambda: None)
-    monkeypatch.setattr("sweeper.storage.google_auth._kaggle_secret", lambda: None)
+def test_no_credentials_anywhere_says_where_to_put_them(on_kaggle):
     with pytest.raises(UserError, match=f"no Google credentials .*{CREDENTIALS_ENV}.*authenticate_user.*Kaggle"):
         find_credentials()
 
 
-def test_credentials_come_from_the_env_before_notebook_secrets(account, monkeypatch, tmp_path):
-    monkeypatch.setattr("sweeper.storage.google_auth._kaggle_secret", lambda: pytest.fail("looked at secrets"))
+def test_credentials_come_from_the_env_before_notebook_secrets(account, on_kaggle, monkeypatch, tmp_path):
+    on_kaggle.secrets(**{CREDENTIALS_ENV: json.dumps({**account, "client_email": "from-the-secret@x.iam"})})
     path = tmp_path / "key.json"
     path.write_text(json.dumps(account))
     monkeypatch.setenv(CREDENTIALS_ENV, str(path))
     assert find_credentials().email == account["client_email"]
     monkeypatch.delenv(CREDENTIALS_ENV)
-    monkeypatch.setattr("sweeper.storage.google_auth._kaggle_secret", lambda: json.dumps(account))
-    monkeypatch.setattr("sweeper.storage.google_auth._colab_secret", lambda: None)
-    assert find_credentials().source == f"Kaggle secret {CREDENTIALS_ENV}"
+    found = find_credentials()
+    assert (found.source, found.email) == (f"Kaggle secret {CREDENTIALS_ENV}", "from-the-secret@x.iam")
 
 
-def test_colab_login_is_used_when_on_colab(monkeypatch):
+def test_a_colab_secret_the_notebook_may_not_read_says_to_turn_on_its_access(account, on_colab):
+    on_colab.secrets(**{CREDENTIALS_ENV: (json.dumps(account), False)})
+    with pytest.raises(UserError, match=f"^the Colab secret {CREDENTIALS_ENV} exists but this notebook may not read "
+                                        "it: turn on its \"Notebook access\" switch"):
+        find_credentials()
+
+
+def test_kaggle_offline_says_to_turn_the_internet_on(on_kaggle, monkeypatch):
+    monkeypatch.setenv("SWEEPER_FAKE_KAGGLE_INTERNET", "off")
+    with pytest.raises(UserError, match="^Kaggle's secrets service is unreachable: turn on Settings > Internet"):
+        find_credentials()
+
+
+def test_colab_login_is_used_when_on_colab(on_colab, monkeypatch):
     import google.auth
 
     sentinel = object()
-    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab")
     monkeypatch.setattr(google.auth, "default", lambda scopes: (sentinel, "project"))
     found = find_credentials()
     assert found.credentials is sentinel and found.email is None and "signed in" in found.who

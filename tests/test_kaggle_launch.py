@@ -87,7 +87,7 @@ def test_a_second_push_is_a_new_version_and_the_metadata_follows_the_options(fak
     done = launch(fake, tmp_path, "--gpu", "p100", "--public", "--account", "ana", **creds)
 
     assert done.returncode == 0, done.stderr
-    assert "version 2 (public, p100" in done.stderr and "no kernels for the P100" in done.stderr
+    assert "version 2 (public, p100" in done.stderr and "Kaggle has retired the P100" in done.stderr
     assert [r["method"] for r in fake.requests] == ["SaveKernel", "SaveKernel"]
     body = fake.requests[-1]["body"]
     assert body["isPrivate"] is False and body["machineShape"] == "NvidiaTeslaP100" and "sessionTimeoutSeconds" not in body
@@ -173,7 +173,7 @@ def test_a_store_on_this_machine_cannot_be_launched(fake, tmp_path):
     done = sweeper(fake, tmp_path, "launch", "kaggle", "--store", "sqlite:///sweeps.db", "--study", "demo",
                    KAGGLE_API_TOKEN=ALICE["token"])
     assert done.returncode == 2
-    assert "cannot reach the store 'sqlite:///sweeps.db'" in one_error_line(done)
+    assert "a Kaggle notebook cannot reach sqlite:///sweeps.db" in one_error_line(done)
     assert fake.requests == []
 
 

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from runner import demo, run_worker
 from runner.train import NonFiniteLoss, SweepData, prepare_data, quiet_libraries, run_trial
 from sweeper.spec import SweepSpec, load_spec, spec_from_dict
+from sweeper.leases import stopped_workers
 from sweeper.study import create_study, enqueue, load_study
 
 quiet_libraries()
@@ -197,7 +198,9 @@ def test_failing_trials_are_told_fail_with_the_reason_and_the_worker_gives_up_af
         run_worker(store, "demo", checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
     trials = optuna.load_study(study_name="demo", storage=store).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
-    assert "cannot load model" in trials[0].user_attrs["result"]["fail_reason"]
+    assert "cannot load the model of" in trials[0].user_attrs["result"]["fail_reason"]
+    (stop,) = stopped_workers(optuna.load_study(study_name="demo", storage=store))  # the team sees why, in the store
+    assert "stopped: 3 trials failed in a row; last: SweeperError: cannot load the model of" in stop
 
 
 def test_worker_does_not_start_a_trial_past_the_session_deadline(demo_dir, tmp_path):

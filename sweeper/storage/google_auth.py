@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.errors import SweeperError, UserError
+from sweeper.platforms import platform_name, platform_secret
 
 SCOPES = ["https://www.googleapis.com/auth/spreadsheets"]
 CREDENTIALS_ENV = "SWEEPER_GSHEETS_CREDENTIALS"
@@ -53,10 +54,9 @@ def find_credentials() -> GoogleCredentials:
     login = _colab_login()
     if login is not None:
         return login
-    for read_secret, where in ((_colab_secret, "Colab secret"), (_kaggle_secret, "Kaggle secret")):
-        secret = read_secret()
-        if secret:
-            return service_account(secret, f"{where} {SECRET_NAME}")
+    secret = platform_secret(SECRET_NAME)
+    if secret:
+        return service_account(secret, f"{platform_name().capitalize()} secret {SECRET_NAME}")
     raise UserError(f"no Google credentials for the gsheets store: {HOW_TO}")
 
 
@@ -119,13 +119,8 @@ def _is_service_account_file(path: str) -> bool:
         return False
 
 
-def on_colab() -> bool:
-    # Kaggle's image ships google.colab and COLAB_RELEASE_TAG too (DESIGN.md), so rule it out first.
-    return "COLAB_RELEASE_TAG" in os.environ and "KAGGLE_KERNEL_RUN_TYPE" not in os.environ
-
-
 def _colab_login() -> GoogleCredentials | None:
-    if not on_colab():
+    if platform_name() != "colab":
         return None
     try:
         import google.auth
@@ -139,24 +134,6 @@ def _colab_login() -> GoogleCredentials | None:
     email = getattr(credentials, "service_account_email", None)
     email = email if email and "@" in email else None  # Colab's own login reports "default"
     return GoogleCredentials(credentials, "the Colab login", email)
-
-
-def _colab_secret() -> str | None:
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
-
-        return userdata.get(SECRET_NAME)
-    except Exception:  # not on Colab, no such secret, or notebook access not granted
-        return None
-
-
-def _kaggle_secret() -> str | None:
-    try:
-        from kaggle_secrets import UserSecretsClient  # type: ignore[import-not-found]
-
-        return UserSecretsClient().get_secret(SECRET_NAME)
-    except Exception:  # not on Kaggle, or the secret is not attached to this notebook
-        return None
 
 
 def api_error_message(creds: GoogleCredentials, spreadsheet_id: str, status: int, message: str) -> SweeperError:

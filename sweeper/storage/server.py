@@ -19,7 +19,7 @@ from optuna.storages.journal import JournalRedisBackend
 from sweeper.errors import SweeperError, UserError, first_line
 from sweeper.storage import Backend, redact, register
 
-DRIVERS = {"postgresql": "psycopg2-binary (pip install 'sweeper[postgres]')", "mysql": "PyMySQL",
+DRIVERS = {"postgresql": "psycopg2-binary (pip install 'sweeper-qlora[postgres]')", "mysql": "PyMySQL",
            "redis": "redis"}
 
 

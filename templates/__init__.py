@@ -1,0 +1,1 @@
+"""The runner notebooks `sweeper notebook` renders (packaged as sweeper.templates)."""

@@ -1,0 +1,1 @@
+"""Stand-in for google.colab (see tests/platforms/README.md): the submodules the runner notebook uses."""
