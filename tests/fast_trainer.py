@@ -60,7 +60,8 @@ class Preempted(Exception):
         self.reason, self.checkpoint = reason, checkpoint
 
 
-def run_trial(spec, params, trial_dir, sweep_data, report=None, *, device=None, precision=None, log=print, stop=None):
+def run_trial(spec, params, trial_dir, sweep_data, report=None, *, device=None, precision=None, log=print, stop=None,
+              progress=None):
     started = time.perf_counter()
     trial_dir = Path(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,8 @@ def run_trial(spec, params, trial_dir, sweep_data, report=None, *, device=None, 
             if report is not None and report(k, eval_losses[-1]):
                 pruned_at = k
                 break
+        if progress is not None:
+            progress(step, STEPS, 100 / STEP_S, eval_losses[-1] if eval_losses else None)
         if step % CHECKPOINT_EVERY == 0:
             checkpoint(trial_dir, step, params, eval_losses)
         if stop is not None and step < STEPS and (why := stop()) is not None:

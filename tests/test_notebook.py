@@ -192,9 +192,12 @@ def sheet_study(tmp_path, monkeypatch):
         yield store, json.dumps(account)
 
 
-def notebook_for(platform: str, store: str, tmp_path, **changes):
+def notebook_for(platform: str, store: str, tmp_path, monkeypatch, **changes):
+    # An hour from now, whenever this machine booted (a session's own hours count from its container's start).
+    monkeypatch.setenv("SWEEPER_DEADLINE_HOURS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "platforms"))  # the stand-in platform modules
     return render(platform, store, "demo", account="nb", max_trials=1, checkpoint_root=str(tmp_path / "ck"),
-                  deadline_hours=1, install="", **changes)  # install "": the test's own sweeper, not a pip install
+                  install="", **changes)  # install "": the test's own sweeper, not a pip install
 
 
 def run_cells(nb, kernel: str, tmp_path, runs: int = 1) -> dict | None:
@@ -229,8 +232,7 @@ def test_run_all_twice_on_a_kernel_reads_the_secret_and_runs_a_trial_each_time(p
 
     store, key = sheet_study
     request.getfixturevalue(f"on_{platform}").secrets(SWEEPER_GSHEETS_CREDENTIALS=key)
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "platforms"))
-    nb = notebook_for(platform, store, tmp_path, allow_cpu=True)
+    nb = notebook_for(platform, store, tmp_path, monkeypatch, allow_cpu=True)
 
     assert run_cells(nb, kernel, tmp_path, runs=2) is None  # a second Run all in the same kernel is safe too
 
@@ -269,8 +271,7 @@ def test_each_failure_a_user_can_cause_in_a_notebook_is_one_line(platform, set_u
         on.secrets(SWEEPER_GSHEETS_CREDENTIALS=(key, secret[1]) if isinstance(secret, tuple) else key)
     if set_up.get("internet") == "off":
         monkeypatch.setenv("SWEEPER_FAKE_KAGGLE_INTERNET", "off")
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "platforms"))
-    nb = notebook_for(platform, store, tmp_path)  # allow_cpu False: this machine has no GPU
+    nb = notebook_for(platform, store, tmp_path, monkeypatch)  # allow_cpu False: this machine has no GPU
 
     failed = run_cells(nb, kernel, tmp_path)
 

@@ -134,3 +134,26 @@ def test_checkpoint_roots_per_platform(monkeypatch, tmp_path):
     assert str(default_checkpoint_root("kaggle")) == "/kaggle/working/sweeper-checkpoints"
     monkeypatch.setenv("SWEEPER_HOME", str(tmp_path))
     assert default_checkpoint_root("local") == tmp_path / "checkpoints"
+
+
+def test_drive_is_mounted_once_and_again_after_the_flush_cell(on_colab, tmp_path, capsys):
+    from google.colab import drive
+
+    from sweeper.platforms import mount_drive
+
+    mountpoint = str(tmp_path / "drive")
+    mount_drive(mountpoint)
+    mount_drive(mountpoint)  # the secrets cell run again: Drive is left as it is
+    assert capsys.readouterr().out == f"Mounted at {mountpoint}\n"
+    drive.flush_and_unmount()  # the notebook's last cell
+    mount_drive(mountpoint)  # the worker cell run after it mounts again, before writing anything
+    assert (tmp_path / "drive" / "My Drive").is_dir()
+
+
+def test_a_mountpoint_written_to_while_unmounted_is_one_line(on_colab, tmp_path):
+    from sweeper.platforms import mount_drive
+
+    (tmp_path / "drive" / "MyDrive" / "sweeper-checkpoints").mkdir(parents=True)  # what an old notebook left
+    with pytest.raises(UserError, match=r"^cannot mount Google Drive at .* \(Mountpoint must not already contain "
+                                        r"files\): Runtime > Disconnect and delete runtime, then Run all$"):
+        mount_drive(str(tmp_path / "drive"))
