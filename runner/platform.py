@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweeper.errors import SweeperError, UserError
-from sweeper.platforms import platform_name
+from sweeper.platforms import DRIVE_MOUNT, platform_name
 
 SESSION_HOURS = {"colab": 12.0, "kaggle": 12.0}
 
@@ -77,14 +77,14 @@ def default_checkpoint_root(name: str) -> Path:
     if name == "kaggle":
         return Path("/kaggle/working/sweeper-checkpoints")
     if name == "colab":
-        drive = Path("/content/drive/MyDrive")
+        drive = Path(DRIVE_MOUNT) / "MyDrive"
         return (drive if drive.is_dir() else Path("/content")) / "sweeper-checkpoints"
     return Path(os.environ.get("SWEEPER_HOME", Path.home() / ".cache" / "sweeper")) / "checkpoints"
 
 
 def shared_checkpoints(platform: Platform) -> bool:
     """Whether another worker can resume from this one's checkpoints: not from a notebook VM's own disk."""
-    return platform.name == "local" or platform.checkpoint_root.is_relative_to("/content/drive")
+    return platform.name == "local" or platform.checkpoint_root.is_relative_to(DRIVE_MOUNT)
 
 
 def session_deadline(name: str, hours: float | None) -> float:

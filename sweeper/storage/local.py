@@ -79,6 +79,11 @@ class JournalFile(JournalFileBackend):
     def _set_aside_torn_tail(self) -> None:
         with open(self._file_path, "rb+") as f:
             end = f.seek(0, os.SEEK_END)
+            if end == 0:
+                return
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                return  # the usual case: one byte read per append
             keep = end
             while keep > 0:  # back to just after the last newline, a block at a time
                 start = max(0, keep - 65536)
@@ -88,8 +93,6 @@ class JournalFile(JournalFileBackend):
                     keep = start + newline + 1
                     break
                 keep = start
-            if keep == end:
-                return
             f.seek(keep)
             tail = f.read()
             side = f"{self._file_path}.torn"
