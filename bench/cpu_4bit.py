@@ -19,6 +19,7 @@ from unittest import mock
 
 from runner import demo, run_worker, train
 from sweeper.spec import load_spec
+from sweeper.storage import open_store
 from sweeper.study import create_study, enqueue, load_study
 
 
@@ -26,8 +27,8 @@ def sweep(folder: Path, trials: int, trainable: bool) -> dict:
     """One demo sweep in `folder`; its best eval loss and the eval loss of each enqueued point."""
     spec = load_spec(demo.prepare_demo(folder, n_trials=trials))
     store = f"sqlite:///{folder / 'sweeps.db'}"
-    study, _ = create_study(spec, store)
-    enqueue(study, store, demo.FIRST_POINTS)
+    study, _ = create_study(spec, opened := open_store(store, create=True))
+    enqueue(study, opened, demo.FIRST_POINTS)
     fixed_worker_id = uuid.UUID(int=0)  # the worker id seeds the sampler: the same for both sweeps
     keep = train.keep_4bit_weights_trainable if trainable else (lambda model: None)  # None: as shipped before
     with mock.patch("runner.worker.uuid.uuid4", return_value=fixed_worker_id), \

@@ -87,7 +87,7 @@ def main() -> None:
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
-    sqlite_study = optuna.create_study(study_name="b", storage=open_storage(f"sqlite:///{tmp / 'local.db'}"))
+    sqlite_study = optuna.create_study(study_name="b", storage=open_storage(f"sqlite:///{tmp / 'local.db'}", create=True))
     sqlite_study.sampler = optuna.samplers.RandomSampler(seed=0)
     drive_storage = DriveStorage(folder, sync_s=0)
     drive_storage.shard_id = "me"

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeper.errors import SweeperError, UserError
+from sweeper.errors import SweeperError, UserError, env_number
 from sweeper.platforms import DRIVE_MOUNT, platform_name
 
 SESSION_HOURS = {"colab": 12.0, "kaggle": 12.0}
@@ -90,11 +90,10 @@ def shared_checkpoints(platform: Platform) -> bool:
 def session_deadline(name: str, hours: float | None) -> float:
     """Notebook sessions end about 12 h after they started (session_start); elsewhere only when asked."""
     if hours is None:
-        env = os.environ.get("SWEEPER_DEADLINE_HOURS")
-        hours = float(env) if env else SESSION_HOURS.get(name)
+        hours = env_number("SWEEPER_DEADLINE_HOURS", SESSION_HOURS.get(name))
     if hours is None:
         return float("inf")
-    explicit = os.environ.get("SWEEPER_DEADLINE_HOURS") is not None
+    explicit = env_number("SWEEPER_DEADLINE_HOURS") is not None
     started = session_start() if name in SESSION_HOURS and not explicit else time.time()
     return started + hours * 3600
 

@@ -25,13 +25,11 @@ from optuna.trial import TrialState
 
 from runner.platform import Platform, detect, require_gpu, shared_checkpoints
 from runner.progress import TrialBar, watched
-from sweeper.errors import SweeperError, first_line
-from sweeper.leases import (RESUME_FROM, RESUMES, Heartbeat, Watcher, hand_over, record_worker_stop, superseded,
-                            take_over_stale, trial_key)
+from sweeper.errors import StoreChanged, SweeperError, first_line
+from sweeper.leases import Heartbeat, Watcher, hand_over, record_worker_stop, superseded, take_over_stale
+from sweeper.record import FINISHED, RESULT, RESUME_FROM, RESUMES, WORKER, result_of, trial_key, worker_of
 from sweeper.spec import SweepSpec
-from sweeper.storage import lease_timing
-from sweeper.storage.drive import DriveStorage, drop_lost_claim, shard_name
-from sweeper.storage.gsheets import JournalChanged, update_views
+from sweeper.storage import open_store
 from sweeper.study import load_study, suggest
 
 MAX_FAILURES_IN_A_ROW = 3
@@ -53,8 +51,8 @@ class WorkerSummary:
 
 def estimated_trial_seconds(study: optuna.Study, gpu: str) -> float | None:
     """Median wall time of complete trials on this GPU type, from any worker."""
-    times = [t.user_attrs.get("result", {}).get("wall_time_s") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-             if t.user_attrs.get("worker", {}).get("gpu") == gpu]
+    times = [result_of(t).get("wall_time_s") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if worker_of(t).get("gpu") == gpu]
     times = [s for s in times if s]
     return statistics.median(times) if times else None
 
@@ -64,7 +62,7 @@ def _budget(study: optuna.Study) -> tuple[int, int, int]:
     waiting to run holds the place in the budget of the trial it continues."""
     finished = running = resumes = 0
     for t in study.get_trials(deepcopy=False):
-        finished += t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        finished += t.state in FINISHED
         running += t.state == TrialState.RUNNING
         resumes += t.state == TrialState.WAITING and RESUMES in t.user_attrs
     return finished, running, resumes
@@ -75,7 +73,7 @@ def _surplus(study: optuna.Study, spec: SweepSpec, trial: optuna.Trial) -> bool:
     each saw room for one more. The lower trial numbers keep their places."""
     if RESUMES in trial.user_attrs:
         return False  # it holds the place of the trial it continues
-    taken = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    taken = sum(t.state in FINISHED
                 or (t.state == TrialState.RUNNING and t.number < trial.number)
                 or (t.state == TrialState.WAITING and RESUMES in t.user_attrs) for t in study.get_trials(deepcopy=False))
     return taken >= spec.n_trials
@@ -127,7 +125,7 @@ class StopRequest:
 
 
 def _tell_failed(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    trial.set_user_attr("result", {"fail_reason": reason})
+    trial.set_user_attr(RESULT, {"fail_reason": reason})
     study.tell(trial, state=TrialState.FAIL)
 
 
@@ -151,7 +149,7 @@ def _resume_into(trial_dir: Path, resume_from: str, log: Callable[[str], None]) 
     log(f"resuming from the checkpoints in {resume_from}")
 
 
-def run_worker(store: str, study: str | None = None, *, max_trials: int | None = None, account: str | None = None,
+def run_worker(url: str, study: str | None = None, *, max_trials: int | None = None, account: str | None = None,
                checkpoint_root: str | None = None, deadline_hours: float | None = None,
                precision: str | None = None, allow_cpu: bool = False,
                log: Callable[[str], None] = print) -> WorkerSummary:
@@ -165,6 +163,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
     require_gpu(platform, allow_cpu)
     summary = WorkerSummary(f"{platform.account}/{uuid.uuid4().hex[:8]}")
     worker_seed = zlib.crc32(summary.worker_id.encode())
+    store = open_store(url)
     optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
     study = optuna_study.study_name
     train = run_trial
@@ -175,8 +174,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
         if len(devices := parallel.trial_devices(spec.gpus_per_trial)) > 1:
             train, show_bars = functools.partial(parallel.run_trial_parallel, devices=devices), False
             platform = dataclasses.replace(platform, gpu_name=f"{len(devices)} x {platform.gpu_name}")  # own timings
-    if isinstance(optuna_study._storage, DriveStorage):
-        optuna_study._storage.shard_id = shard_name(summary.worker_id)  # our shard is named after us
+    store.join(summary.worker_id)
     log(f"worker {summary.worker_id} on {platform.name} ({platform.gpu_name}) joins study {study!r}")
     if not shared_checkpoints(platform):
         log(f"checkpoints go to {platform.checkpoint_root}, which only this machine sees: a trial killed here "
@@ -192,23 +190,27 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
 
     failures_in_a_row = 0
     gpu_seconds = 0.0
-    heartbeat_s, lag_s = lease_timing(optuna_study._storage, spec.heartbeat_s)
+    heartbeat_s, lag_s = store.lease_timing(spec.heartbeat_s)
     watcher = Watcher(heartbeat_s, lag_s=lag_s)
     stop = StopRequest(platform)
     lease = {"worker": summary.worker_id, "account": platform.account, "platform": platform.name}
     waiting_logged = False
 
     def views(trial_number: int | None) -> None:
-        """The sheet's people-facing views (a no-op on other stores); Optuna keeps the storage on the study."""
-        update_views(optuna_study._storage, optuna_study,
-                     {"worker": summary.worker_id, "account": platform.account, "platform": platform.name,
+        """The store's views for people, where it keeps any (a sheet's `trials` and `workers`)."""
+        store.update_views(optuna_study,
+                           {"worker": summary.worker_id, "account": platform.account, "platform": platform.name,
                       "gpu": platform.gpu_name, "trial": trial_number, "gpu_hours": gpu_seconds / 3600})
+
+    def watch_leases(own_trial_id: int) -> None:
+        """While our trial trains: note the other leases, so that a dead one is taken over at our next ask."""
+        watcher.observe(optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), own={own_trial_id})
 
     trial = None
     with stop.signals():
         while True:
             try:
-                summary.took_over += take_over_stale(optuna_study, watcher, log)
+                summary.took_over += take_over_stale(optuna_study, watcher, log, by=summary.worker_id)
                 finished, running, resumes = _budget(optuna_study)
                 if (reason := _stop_reason(optuna_study, spec, platform, finished, len(summary.trials), max_trials,
                                            stop)) is not None:
@@ -229,13 +231,13 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                     trial = None
                     time.sleep(min(heartbeat_s, 30))  # let the store show us what the others started
                     continue
-                trial.set_user_attr("worker", identity)
+                trial.set_user_attr(WORKER, identity)
                 summary.trials.append(trial.number)
                 log(f"trial {trial.number}: {params}")
                 views(trial.number)
 
                 def check_place(trial=trial) -> None:
-                    if (lost := drop_lost_claim(optuna_study._storage, trial._trial_id)) is not None:
+                    if (lost := store.claim_lost(trial._trial_id)) is not None:
                         raise Superseded(f"claim lost: {lost}")
                     if (why := superseded(optuna_study, trial._trial_id)) is not None:
                         raise Superseded(why)
@@ -248,7 +250,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
 
                 trial_dir = platform.checkpoint_root / study / _trial_folder(optuna_study, trial)
                 heartbeat = Heartbeat(optuna_study._storage, trial._trial_id, {**lease, "checkpoint": str(trial_dir)},
-                                      heartbeat_s, log)
+                                      heartbeat_s, log, watch=functools.partial(watch_leases, trial._trial_id))
                 bar = TrialBar(trial.number) if show_bars else None
                 try:
                     check_place()  # a resume whose place another holds stops before it starts
@@ -260,13 +262,13 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 except Preempted as e:
                     heartbeat.stop()
                     frozen = optuna_study._storage.get_trial(trial._trial_id)
-                    hand_over(optuna_study, frozen, {"result": {"fail_reason": f"preempted: {e.reason}",
+                    hand_over(optuna_study, frozen, {RESULT: {"fail_reason": f"preempted: {e.reason}",
                                                                 "checkpoint": str(trial_dir)}}, str(trial_dir))
                     log(f"trial {trial.number} preempted ({e.reason}): checkpoint {e.checkpoint} written, "
                         "trial handed over to be resumed")
                     trial = None
                     continue
-                except (JournalChanged, UpdateFinishedTrialError):
+                except (StoreChanged, UpdateFinishedTrialError):
                     raise
                 except Superseded as e:  # not a failure of ours: another record holds the place
                     _tell_failed(optuna_study, trial, str(e))
@@ -288,7 +290,7 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                         bar.close()
                 failures_in_a_row = 0
                 gpu_seconds += result.wall_time_s * result.gpus
-                trial.set_user_attr("result", result_attrs(result))
+                trial.set_user_attr(RESULT, result_attrs(result))
                 if result.pruned_at is not None:
                     optuna_study.tell(trial, state=TrialState.PRUNED)
                     log(f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})")
@@ -302,15 +304,17 @@ def run_worker(store: str, study: str | None = None, *, max_trials: int | None =
                 # Another worker saw our heartbeat stop (a stall longer than the grace) and took the trial over.
                 log(f"trial {trial.number if trial else '?'} was taken over by another worker; going on")
                 trial = None
-            except JournalChanged as e:
+            except StoreChanged as e:
                 # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now,
                 # and fail the trial we held, so it does not sit RUNNING against the budget.
                 log(f"{e}; reloading the study")
+                store = open_store(url)
+                store.join(summary.worker_id)
                 optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
                 if trial is not None:
                     held = optuna.trial.Trial(optuna_study, trial._trial_id)  # the same trial, on the reloaded store
                     if optuna_study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                        _tell_failed(optuna_study, held, f"JournalChanged: {e}")
+                        _tell_failed(optuna_study, held, f"store changed: {e}")
                 trial = None
     summary.stop_reason = reason
     log(f"worker {summary.worker_id} stops: {reason}")

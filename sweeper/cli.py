@@ -15,8 +15,8 @@ from rich.console import Console
 
 from sweeper import __version__, report
 from sweeper.errors import SweeperError, UserError
-from sweeper.leases import stopped_workers
-from sweeper.spec import load_spec
+from sweeper.leases import grace_s, stopped_workers
+from sweeper.spec import data_problem, load_spec
 from sweeper.storage import BACKENDS
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # never break a path or URL across lines
@@ -34,16 +34,27 @@ class _Group(click.Group):
             raise error from None
 
 
+ONE_MACHINE_STORES = ("sqlite:", "journal:")  # stores whose workers run on this machine
+
 store_option = click.option("--store", envvar="SWEEPER_STORE", required=True, metavar="URL",
                             help="Store URL (env SWEEPER_STORE); `sweeper stores` lists the kinds.")
 study_option = click.option("--study", envvar="SWEEPER_STUDY", metavar="NAME",
                             help="Study name (env SWEEPER_STUDY); may be left out when the store holds one study.")
 
 
-def _open(store: str, study: str | None):
+def _folder_must_exist(path: Path) -> None:
+    """A file to write into a folder that is not there is bad input (exit 2), said before any work."""
+    if not path.parent.is_dir():
+        raise UserError(f"folder {path.parent} does not exist (for {path})")
+
+
+def _open(url: str, study: str | None):
+    """(the store, its study, the study's spec); study None: the store's only one, read once."""
+    from sweeper.storage import open_store
     from sweeper.study import load_study
 
-    return load_study(store, study)  # picks the only study itself, reading the store once
+    store = open_store(url)
+    return (store, *load_study(store, study))
 
 
 @click.group(cls=_Group)
@@ -58,10 +69,17 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the spec of an existing study (its trials are kept).")
 def init(sweep_file: Path, store: str, overwrite: bool) -> None:
     """Validate SWEEP_FILE and create its study in the store."""
+    from sweeper.storage import open_store
     from sweeper.study import create_study
 
     spec = load_spec(sweep_file)
-    _, what = create_study(spec, store, overwrite=overwrite)
+    local = store.startswith(ONE_MACHINE_STORES)
+    if (problem := data_problem(spec)) is not None:
+        if local:  # its workers run on this machine, from here: they would all stop at it
+            raise UserError(f"{sweep_file}: {problem}")
+        err.print(f"warning: {sweep_file}: {problem} on this machine; every worker of this store needs it",
+                  style="yellow", markup=False, highlight=False)
+    _, what = create_study(spec, open_store(store, create=True), overwrite=overwrite)
     err.print(f"study {spec.study!r}: {what}")
     click.echo(spec.study)
 
@@ -75,13 +93,17 @@ def init(sweep_file: Path, store: str, overwrite: bool) -> None:
 def enqueue(store: str, study: str | None, grid: bool, points: tuple[str, ...]) -> None:
     """Enqueue points for workers to run first; a point already present is skipped."""
     from sweeper.study import enqueue as enqueue_points
-    from sweeper.study import grid_points, parse_point
+    from sweeper.study import grid_points, parse_point, point_problem
 
     if not grid and not points:
         raise UserError("give --grid or at least one --point")
-    optuna_study, spec = _open(store, study)
+    opened, optuna_study, spec = _open(store, study)
     wanted = (grid_points(spec) if grid else []) + [parse_point(p, spec) for p in points]
-    added = enqueue_points(optuna_study, store, wanted)
+    for point in wanted[:len(wanted) - len(points)]:  # a grid stored by an older sweeper may hold such a point
+        if (why := point_problem(point, spec)) is not None:
+            raise UserError(f"the study's grid holds a point no worker could run ({why}): fix the grid in the sweep "
+                            "file and run sweeper init --overwrite")
+    added = enqueue_points(optuna_study, opened, wanted)
     err.print(f"enqueued {len(added)} of {len(wanted)} points ({len(wanted) - len(added)} already present)")
 
 
@@ -94,8 +116,8 @@ def report_command(store: str, study: str | None, as_json: bool, as_csv: bool) -
     """Show every trial: state, params, eval loss, steps, wall time, GPU, account, checkpoint."""
     if as_json and as_csv:
         raise UserError("give --json or --csv, not both")
-    optuna_study, spec = _open(store, study)
-    rows = report.trial_rows(optuna_study)
+    opened, optuna_study, spec = _open(store, study)
+    rows = report.trial_rows(optuna_study, opened, grace_s(*opened.lease_timing(spec.heartbeat_s)))
     if as_json:
         click.echo(report.to_json(rows))
     elif as_csv:
@@ -110,13 +132,21 @@ def report_command(store: str, study: str | None, as_json: bool, as_csv: bool) -
 @cli.command()
 @store_option
 @study_option
-@click.option("--export", type=click.Path(dir_okay=False, path_type=Path), help="Write the config to this TOML file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the config as JSON instead of TOML.")
+@click.option("--export", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the config to this file: JSON for a .json file, else TOML.")
+@click.option("--json", "as_json", is_flag=True, help="Print (or export) the config as JSON instead of TOML.")
 def best(store: str, study: str | None, export: Path | None, as_json: bool) -> None:
     """The config for the full run: the best trial's params plus everything the spec fixes."""
-    optuna_study, spec = _open(store, study)
+    if export is not None:
+        suffix = export.suffix.lower()
+        if as_json and suffix == ".toml":
+            raise UserError(f"--json contradicts --export {export}: a .toml file gets TOML; drop --json, or export to "
+                            "a .json file")
+        as_json = as_json or suffix == ".json"
+        _folder_must_exist(export)
+    _, optuna_study, spec = _open(store, study)
     config = report.best_config(optuna_study, spec)
-    text = json.dumps(config, indent=2) if as_json else tomli_w.dumps(config)
+    text = json.dumps(config, indent=2) + "\n" if as_json else tomli_w.dumps(config)
     if export:
         try:
             export.write_text(text)
@@ -156,6 +186,7 @@ def demo(folder: Path, trials: int) -> None:
     from runner import run_worker
     from runner.demo import FIRST_POINTS, prepare_demo
     from runner.train import quiet_libraries
+    from sweeper.storage import open_store
     from sweeper.study import create_study, enqueue as enqueue_points
 
     quiet_libraries()
@@ -163,15 +194,14 @@ def demo(folder: Path, trials: int) -> None:
     sweep = prepare_demo(folder, n_trials=trials)
     spec = load_spec(sweep)
     store = f"sqlite:///{folder / 'sweeps.db'}"
-    optuna_study, what = create_study(spec, store, overwrite=True)
-    enqueue_points(optuna_study, store, FIRST_POINTS)
+    opened = open_store(store, create=True)
+    optuna_study, what = create_study(spec, opened, overwrite=True)
+    enqueue_points(optuna_study, opened, FIRST_POINTS)
     err.print(f"study {spec.study!r} in {store}: {what}; running {trials} trials")
     run_worker(store, spec.study, checkpoint_root=str(folder / "checkpoints"), account="demo",
                log=lambda line: err.print(line))
-    from sweeper.study import load_study
-
-    optuna_study, spec = load_study(store, spec.study)
-    report.render_table(optuna_study, spec, report.trial_rows(optuna_study), Console(width=max(160, Console().width)))
+    opened, optuna_study, spec = _open(store, spec.study)
+    report.render_table(optuna_study, spec, report.trial_rows(optuna_study, opened), Console(width=max(160, Console().width)))
     click.echo(tomli_w.dumps(report.best_config(optuna_study, spec)))
     err.print(f"again: sweeper report --store {store}")
 
@@ -200,6 +230,7 @@ def notebook_command(platform: str, store: str, study: str | None, account: str 
     """Write a runner notebook for Colab, Kaggle or this machine: upload it and Run all."""
     from sweeper import notebook
 
+    _folder_must_exist(output)
     nb = notebook.render(platform, store, study, account=account, max_trials=max_trials, checkpoint_root=checkpoint_root,
                          deadline_hours=deadline_hours, install=install, allow_cpu=allow_cpu)
     notebook.write(nb, output)
@@ -250,7 +281,7 @@ def retry(store: str, study: str | None, failed: bool, numbers: tuple[int, ...])
 
     if failed == bool(numbers):
         raise UserError("give --failed or --trial N (not both)")
-    optuna_study, _ = _open(store, study)
+    _, optuna_study, _ = _open(store, study)
     done = retry_trials(optuna_study, list(numbers) if numbers else None)
     for number, checkpoint in done:
         err.print(f"trial {number} enqueued again" + (f", to resume from {checkpoint}" if checkpoint else ", from the start"))
@@ -261,9 +292,10 @@ def retry(store: str, study: str | None, failed: bool, numbers: tuple[int, ...])
 
 @cli.command()
 def stores() -> None:
-    """List the store URL kinds and what each is safe for."""
+    """List the store URL kinds, what each is safe for, and what this install lacks to open one."""
     for backend in BACKENDS.values():
-        click.echo(f"{backend.example:40} {backend.safe_for}")
+        lacks = backend.missing() if backend.missing else None
+        click.echo(f"{backend.example:40} {backend.safe_for}" + (f"  (driver missing: {lacks})" if lacks else ""))
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import notebook
-from sweeper.errors import SweeperError, UserError, first_line
+from sweeper.errors import SweeperError, UserError, env_number, first_line
 
 # machine_shape values the Kaggle API takes (kagglesdk's ApiSaveKernelRequest docs; kaggle-cli docs/kernels.md):
 # NvidiaTeslaT4 is the editor's "GPU T4 x2" (there is no single-T4 shape). NvidiaTeslaP100 is retired (the client says so).
@@ -31,7 +31,7 @@ CREDENTIALS_HELP = ("set KAGGLE_API_TOKEN to a token from https://www.kaggle.com
 
 
 def _timeout_s() -> float:
-    return float(os.environ.get("SWEEPER_KAGGLE_TIMEOUT_S", "60"))
+    return env_number("SWEEPER_KAGGLE_TIMEOUT_S", 60.0, positive=True)
 
 
 def kernel_slug(study: str) -> tuple[str, str]:

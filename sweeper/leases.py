@@ -6,7 +6,10 @@ Optuna's own heartbeat is RDB-only and runs only inside study.optimize (DESIGN.m
   same on every store (an attr op on a journal or sheet, a row on a server, our own shard on Drive).
 - Staleness is judged on the observer's own clock (`Watcher`): a lease is stale once its beat has not
   changed for GRACE_BEATS heartbeats since this process first saw it, so no clock skew between
-  machines can make a live trial stale; a worker that just joined waits the whole grace first.
+  machines can make a live trial stale; a worker that just joined waits the whole grace first. A worker
+  keeps watching the leases while it trains (its heartbeat thread reads them after each beat), so the
+  first worker to ask after the grace takes a dead trial over. The beat also carries the writer's wall
+  time ("at"), for the report's lease age only.
 - `take_over` fails a stale trial (the store lets exactly one writer finish a trial; a second taker's
   write is refused) and enqueues its params again with RESUME_FROM naming its checkpoint folder and
   RESUMES the trial it continues; the worker that pops it resumes from that checkpoint.
@@ -25,11 +28,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import UserError, first_line
+from sweeper.record import (FINISHED, LEASE, RESUME_FROM, RESUMES, STALE_REASON, TAKEOVER, fail_reason, params_of,
+                            result_of, trial_key)
 
-LEASE = "sweeper:lease"
-RESUMES = "resumes"  # user attr: the key (trial_key) of the trial this one continues
-RESUME_FROM = "resume_from"  # user attr: the checkpoint folder to resume from
-STALE_REASON = "stale_reason"  # user attr on a trial failed by a takeover
 WORKER_STOPPED = "worker_stopped:"  # study user attr per worker that gave up: who, where, why
 GRACE_BEATS = 3
 NOT_RETRIED = ("surplus:", "claim lost:")  # failures that lost nothing: another trial holds the place
@@ -50,18 +51,36 @@ def stopped_workers(study: optuna.Study) -> list[str]:
     return [f"worker {s['id']} ({s['account']}, {s['platform']}, {s['gpu']}) stopped: {s['reason']}" for s in stops]
 
 
-def trial_key(trial: FrozenTrial) -> int | str:
-    """A trial's name that every worker's view shares: its number, or on a drive store its origin."""
-    return trial.system_attrs.get("drive:origin", trial.number)
+def grace_s(heartbeat_s: float, lag_s: float = 0.0) -> float:
+    """How long a lease may stay unchanged before its trial counts as dead: GRACE_BEATS beats, plus how late the
+    store shows other workers' writes (a drive folder: minutes)."""
+    return GRACE_BEATS * heartbeat_s + lag_s
+
+
+def silence(seconds: float) -> str:
+    """12 s, 3 min, 2.5 h."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def lease_note(trial: FrozenTrial, grace: float, now: float | None = None) -> str:
+    """For the report: how old a running trial's lease is, by the writer's clock, and whether it is past the grace."""
+    at = trial.system_attrs.get(LEASE, {}).get("at")
+    if trial.state != TrialState.RUNNING or not isinstance(at, (int, float)):
+        return ""
+    age = max(0.0, (time.time() if now is None else now) - at)
+    late = f", past the {silence(grace)} grace: the next worker to ask takes it over" if age > grace else ""
+    return f"lease {silence(age)} old{late}"
 
 
 class Heartbeat:
     """Rewrites a running trial's lease every interval_s from a background thread, until stopped or the
-    trial is finished (by us, or by a worker that took it over)."""
+    trial is finished (by us, or by a worker that took it over). After each beat it calls `watch` (the worker
+    observing the other leases), so watching costs no thread of its own."""
 
     def __init__(self, storage: Any, trial_id: int, lease: dict[str, Any], interval_s: float,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, watch: Callable[[], None] | None = None):
         self.storage, self.trial_id, self.lease, self.interval_s, self.log = storage, trial_id, lease, interval_s, log
+        self.watch = watch
         self.beats = 0
         self._stop = threading.Event()
         self._beat()
@@ -71,7 +90,7 @@ class Heartbeat:
     def _beat(self) -> bool:
         self.beats += 1
         try:
-            self.storage.set_trial_system_attr(self.trial_id, LEASE, {**self.lease, "beat": self.beats})
+            self.storage.set_trial_system_attr(self.trial_id, LEASE, {**self.lease, "beat": self.beats, "at": time.time()})
         except UpdateFinishedTrialError:
             return False  # finished, here or by a takeover: nothing left to keep alive
         except Exception as e:  # a store hiccup must not kill the trial; the next beat tries again
@@ -82,6 +101,11 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             if not self._beat():
                 return
+            if self.watch is not None:
+                try:
+                    self.watch()
+                except Exception as e:  # noqa: BLE001  watching is a courtesy to the others; the trial goes on
+                    self.log(f"watching the leases failed: {type(e).__name__}: {first_line(e)}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -89,28 +113,40 @@ class Heartbeat:
 
 
 class Watcher:
-    """Which running trials are stale, on this process's clock: beat unchanged for GRACE_BEATS x interval_s, plus
-    the store's lag (a drive folder shows other workers' beats minutes late)."""
+    """Which running trials are stale, on this process's clock: beat unchanged for the grace (GRACE_BEATS x
+    interval_s, plus the store's lag). `observe` may be called from the heartbeat thread while `stale` runs in the
+    worker's loop."""
 
     def __init__(self, interval_s: float, lag_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
-        self.grace_s = GRACE_BEATS * interval_s + lag_s  # lag_s: how late the store shows others' writes
+        self.grace_s = grace_s(interval_s, lag_s)
         self.clock = clock
         self._seen: dict[int | str, tuple[Any, float]] = {}  # trial key -> (beat, when we saw it change)
+        self._lock = threading.Lock()
+
+    def observe(self, trials: list[FrozenTrial], own: set[int] = frozenset()) -> None:
+        """Note each running trial's beat, and when it last changed; forget trials no longer running."""
+        now, running = self.clock(), set()
+        with self._lock:
+            for t in trials:
+                if t.state != TrialState.RUNNING or t._trial_id in own:
+                    continue
+                key = trial_key(t)
+                running.add(key)
+                beat = t.system_attrs.get(LEASE, {}).get("beat")
+                if key not in self._seen or self._seen[key][0] != beat:
+                    self._seen[key] = (beat, now)
+            self._seen = {k: v for k, v in self._seen.items() if k in running}
+
+    def silent_s(self, trial: FrozenTrial) -> float:
+        """Seconds since this process saw the trial's beat change (0 for a trial it has not seen)."""
+        with self._lock:
+            seen = self._seen.get(trial_key(trial))
+        return 0.0 if seen is None else self.clock() - seen[1]
 
     def stale(self, trials: list[FrozenTrial], own: set[int] = frozenset()) -> list[FrozenTrial]:
-        now, stale, running = self.clock(), [], set()
-        for t in trials:
-            if t.state != TrialState.RUNNING or t._trial_id in own:
-                continue
-            key = trial_key(t)
-            running.add(key)
-            beat = t.system_attrs.get(LEASE, {}).get("beat")
-            if key not in self._seen or self._seen[key][0] != beat:
-                self._seen[key] = (beat, now)
-            elif now - self._seen[key][1] >= self.grace_s:
-                stale.append(t)
-        self._seen = {k: v for k, v in self._seen.items() if k in running}
-        return stale
+        self.observe(trials, own)
+        return [t for t in trials if t.state == TrialState.RUNNING and t._trial_id not in own
+                and self.silent_s(t) >= self.grace_s]
 
 
 def hand_over(study: optuna.Study, trial: FrozenTrial, attrs: dict[str, Any], checkpoint: str | None) -> bool:
@@ -133,7 +169,7 @@ def hand_over(study: optuna.Study, trial: FrozenTrial, attrs: dict[str, Any], ch
 
 def enqueue_resume(study: optuna.Study, trial: FrozenTrial, checkpoint: str | None) -> None:
     """Enqueue a trial with `trial`'s params that continues it (from `checkpoint`, if given)."""
-    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    params = params_of(trial)
     user_attrs = {RESUMES: trial_key(trial)}
     if checkpoint:
         user_attrs[RESUME_FROM] = checkpoint
@@ -144,14 +180,14 @@ def superseded(study: optuna.Study, trial_id: int) -> str | None:
     """Why a resume must stop, or None (and for a trial that resumes nothing): the trial it continues finished
     after all (its worker was slow, not dead: its result stands), or a resume of the same trial with a lower
     number is alive (two takers raced; every worker picks the same one). On a drive store, where numbers are
-    each worker's own, claims on the resume settle the second case (sweeper/storage/drive.py)."""
+    each worker's own, claims on the resume settle the second case (the store's claim_lost hook)."""
     me = study._storage.get_trial(trial_id)
     key = me.user_attrs.get(RESUMES)
     if key is None:
         return None
     trials = study.get_trials(deepcopy=False)
     original = next((t for t in trials if trial_key(t) == key), None)
-    if original is not None and original.state in (TrialState.COMPLETE, TrialState.PRUNED):
+    if original is not None and original.state in FINISHED:
         return f"surplus: trial {original.number}, which this one resumes, finished after all"
     if isinstance(key, int):
         rival = next((t for t in trials if t.user_attrs.get(RESUMES) == key and t.state != TrialState.FAIL
@@ -168,7 +204,7 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
     resumed = {t.user_attrs.get(RESUMES) for t in trials}
     if numbers is None:
         chosen = [t for t in trials if t.state == TrialState.FAIL and trial_key(t) not in resumed
-                  and not t.user_attrs.get("result", {}).get("fail_reason", "").startswith(NOT_RETRIED)]
+                  and not fail_reason(t).startswith(NOT_RETRIED)]
     else:
         by_number = {t.number: t for t in trials}
         missing = [n for n in numbers if n not in by_number]
@@ -180,7 +216,7 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
             raise UserError(f"trial {', '.join(map(str, running))} has not finished; only finished trials are retried")
     done = []
     for t in chosen:
-        checkpoint = t.user_attrs.get("result", {}).get("checkpoint") or t.system_attrs.get(LEASE, {}).get("checkpoint")
+        checkpoint = result_of(t).get("checkpoint") or t.system_attrs.get(LEASE, {}).get("checkpoint")
         if t.state == TrialState.COMPLETE:
             checkpoint = None  # resuming a finished run would only repeat its end: run it afresh
         enqueue_resume(study, t, checkpoint)
@@ -188,15 +224,17 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
     return done
 
 
-def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], None]) -> int:
-    """Take over every trial this watcher finds stale (called between trials: none is ours); returns how many."""
+def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], None], by: str = "") -> int:
+    """Take over every trial this watcher finds stale (called between trials: none is ours); returns how many.
+    `by`: the taking worker's id, recorded with the takeover's time and the silence it saw."""
     taken = 0
     for trial in watcher.stale(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         lease = trial.system_attrs.get(LEASE, {})
-        reason = (f"stale: no heartbeat from worker {lease.get('worker', '?')} for {watcher.grace_s:.0f} s "
-                  f"(taken over)")
-        # Its own key, not "result": should the worker finish after all, its result must survive this write.
-        if hand_over(study, trial, {STALE_REASON: reason}, lease.get("checkpoint")):
+        silent = watcher.silent_s(trial)
+        reason = f"stale: no heartbeat from worker {lease.get('worker', '?')} for {silence(silent)} (taken over)"
+        # Its own keys, not RESULT: should the worker finish after all, its result must survive this write.
+        attrs = {STALE_REASON: reason, TAKEOVER: {"by": by, "at": time.time(), "silent_s": round(silent, 3)}}
+        if hand_over(study, trial, attrs, lease.get("checkpoint")):
             taken += 1
             log(f"trial {trial.number} was {reason}; enqueued to resume from {lease.get('checkpoint') or 'the start'}")
     return taken

@@ -23,7 +23,7 @@ from sweeper.platforms import STORE_SECRET
 from sweeper.storage import redact
 
 PLATFORMS = ("colab", "kaggle", "local")
-GSHEETS_SECRET = "SWEEPER_GSHEETS_CREDENTIALS"  # the name sweeper.storage.google_auth reads
+GSHEETS_SECRET = "SWEEPER_GSHEETS_CREDENTIALS"  # the name sweeper.storage.gsheets.auth reads
 LOCAL_FILE_STORES = ("sqlite:", "journal:")
 
 

@@ -21,14 +21,12 @@ from rich.table import Table
 from rich.text import Text
 
 from sweeper.errors import SweeperError
-from sweeper.leases import chains
+from sweeper.leases import chains, lease_note
+from sweeper.record import RESULT, STALE_REASON, WORKER, fail_reason, params_of
 from sweeper.spec import SweepSpec, drop_none
-from sweeper.storage.drive import duplicate_claims
-from sweeper.study import gc_paused
+from sweeper.storage import Store, gc_paused
 
-# runner/worker.py writes two trial user attrs, one store write each: "worker" (id, account,
-# platform, gpu) when a trial starts and "result" (runner.train.TrialResult, or fail_reason) when
-# it ends. Columns shown from them: (key, header).
+# Columns shown from a trial's WORKER and RESULT attrs (sweeper/record.py): (key, header).
 ATTR_COLUMNS = [
     ("steps", "steps"),
     ("wall_time_s", "wall s"),
@@ -40,13 +38,19 @@ ATTR_COLUMNS = [
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
 
 
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One plain dict per trial, in trial-number order: what every output format is made from."""
+def trial_rows(study: optuna.Study, store: Store | None = None, grace_s: float | None = None) -> list[dict[str, Any]]:
+    """One plain dict per trial, in trial-number order: what every output format is made from. The store the
+    study was opened from adds its notes (on a drive store, two workers that ran one enqueued point); with the
+    lease grace, a running trial's note gives its lease's age."""
     with gc_paused():  # an RDB store builds every trial here
         trials = study.get_trials(deepcopy=False)
         rows = [_row(t) for t in trials]
-    for number, first in duplicate_claims(trials).items():
-        rows[number]["note"] = f"duplicate of #{first}"  # two workers ran one enqueued point (drive store)
+    if grace_s is not None:
+        for t in trials:
+            if t.state == TrialState.RUNNING:
+                rows[t.number]["note"] = lease_note(t, grace_s)
+    for number, note in (store.trial_notes(trials) if store else {}).items():
+        rows[number]["note"] = note
     for number, chain in chains(trials).items():  # "resumes #12" / "resumed as #31"
         rows[number]["note"] = "; ".join(filter(None, [chain, rows[number]["note"]]))
     return rows
@@ -56,20 +60,20 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
     return {
         "number": t.number,
         "state": t.state.name,
-        "params": dict(t.params or t.system_attrs.get("fixed_params", {})),
+        "params": params_of(t),
         "eval_loss": _eval_loss(t),
         "last_eval": max(t.intermediate_values, default=None),
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         "user_attrs": dict(t.user_attrs),
-        "note": t.user_attrs.get("result", {}).get("fail_reason") or t.user_attrs.get("stale_reason", ""),
+        "note": fail_reason(t) or t.user_attrs.get(STALE_REASON, ""),
     }
 
 
 def info(row: dict[str, Any]) -> dict[str, Any]:
-    """What the worker recorded about a trial: its "worker" and "result" attrs, merged."""
+    """What the worker recorded about a trial: its WORKER and RESULT attrs, merged."""
     attrs = row["user_attrs"]
-    return {**attrs.get("worker", {}), **attrs.get("result", {})}
+    return {**attrs.get(WORKER, {}), **attrs.get(RESULT, {})}
 
 
 def _eval_loss(t: FrozenTrial) -> float | None:
@@ -138,7 +142,7 @@ def _table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[list[st
 
 
 def _attr_sources(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    return [(r["user_attrs"].get("result", {}), r["user_attrs"].get("worker", {})) for r in rows]
+    return [(r["user_attrs"].get(RESULT, {}), r["user_attrs"].get(WORKER, {})) for r in rows]
 
 
 def _attr_column(sources: list[tuple[dict[str, Any], dict[str, Any]]], key: str) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import sys
 import types
@@ -183,6 +184,20 @@ def drop_none(value: Any) -> Any:
 # Parsing and validation: every problem is collected, then raised as one UserError.
 
 
+def data_problem(spec: SweepSpec) -> str | None:
+    """What is wrong with data.source on this machine, or None: a local path (a .jsonl file, or a source written as a
+    path) that is not there. A Hugging Face dataset name is the worker's to fetch. Relative paths are from the
+    current folder, as a worker started here reads them."""
+    source = spec.data.source
+    path = Path(source).expanduser()
+    if path.exists():
+        return None if path.is_file() or path.is_dir() else f"data.source {source!r} is neither a file nor a folder"
+    if path.suffix in (".jsonl", ".json") or source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:
+        return f"data.source {source!r} is a path, and there is no file there" + (
+            f" (relative to {Path.cwd()})" if not path.is_absolute() else "")
+    return None
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep TOML file."""
     path = Path(path)
@@ -194,12 +209,18 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise UserError(f"cannot read sweep file {path}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML: {e}") from None
-    return spec_from_dict(table, source=str(path))
+    return spec_from_dict(table, source=str(path), written=True)
 
 
-def spec_from_dict(table: dict[str, Any], source: str = "sweep spec") -> SweepSpec:
-    """Build a SweepSpec from plain data (a TOML file or a study's user attrs)."""
+def spec_from_dict(table: dict[str, Any], source: str = "sweep spec", written: bool = False) -> SweepSpec:
+    """Build a SweepSpec from plain data (a TOML file, or a study's user attrs).
+
+    written: the table is what a person wrote (a sweep file, for init). It is also refused a [train] value of a
+    tuned param (a stored spec, to_dict, holds every [train] value), repeated choices or grid values, a grid value
+    outside the choices, and more evals than a trial has steps; a spec stored by an older sweeper keeps loading.
+    """
     problems: list[str] = []
+    table_given = table
     table = dict(table)
     version = table.pop("version", SPEC_VERSION)
     if version != SPEC_VERSION:
@@ -218,25 +239,37 @@ def spec_from_dict(table: dict[str, Any], source: str = "sweep spec") -> SweepSp
         if len(problems) == n:
             built[name] = cls(**kwargs)
     space_table = table.pop("space", None)
-    top = _build(SweepSpec, table, "", problems, skip=set(sections) | {"space"})
-    space = _build_space(space_table, problems)
+    top = _build(SweepSpec, table, "", problems, skip=set(sections) | {"space"}, tables=[*sections, "space"])
+    space = _build_space(space_table, problems, written)
+    train_table = table_given.get("train")
+    fixed_and_tuned = [f"train.{name}: fixed in [train] and tuned in [space.{name}]; keep one of them"
+                       for name in (train_table if written and isinstance(train_table, dict) else ())
+                       if name in space]
 
     if not problems:
         spec = SweepSpec(**top, **built, space=space)
-        problems.extend(_check(spec))
+        problems.extend(_check(spec, written))
+    problems.extend(fixed_and_tuned)
     if problems:
         raise UserError(f"{source}: " + "; ".join(problems))
     return spec
 
 
-def _build(cls: type, table: dict[str, Any], where: str, problems: list[str], skip: set[str] = frozenset()) -> dict[str, Any]:
-    """The constructor arguments of a dataclass from a table; problems are appended, not raised."""
+def _build(cls: type, table: dict[str, Any], where: str, problems: list[str], skip: set[str] = frozenset(),
+           tables: list[str] = ()) -> dict[str, Any]:
+    """The constructor arguments of a dataclass from a table; problems are appended, not raised. tables: the names of
+    the tables allowed beside the fields (the top level's [model], [data], ...)."""
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls) if f.name not in skip]
     prefix = f"{where}." if where else ""
+    listed = ", ".join(known) + (f"; tables: {', '.join(f'[{t}]' for t in tables)}" if tables else "")
     for key in table:
         if key not in known:
-            problems.append(f"{prefix}{key}: unknown field (allowed: {', '.join(known)})")
+            kind = "table" if isinstance(table[key], dict) and tables else "field"
+            shown = f"[{prefix}{key}]" if kind == "table" else f"{prefix}{key}"
+            close = difflib.get_close_matches(key, [*known, *tables], n=1, cutoff=0.75)
+            hint = f"; did you mean {f'[{close[0]}]' if close[0] in tables else close[0]}?" if close else ""
+            problems.append(f"{shown}: unknown {kind} (allowed: {listed}{hint})")
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in skip:
@@ -291,7 +324,7 @@ def _type_name(hint: Any) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(hint, str(hint))
 
 
-def _build_space(table: Any, problems: list[str]) -> dict[str, ParamSpec]:
+def _build_space(table: Any, problems: list[str], written: bool = False) -> dict[str, ParamSpec]:
     if table is None:
         return default_space()
     if not isinstance(table, dict) or not table:
@@ -310,12 +343,14 @@ def _build_space(table: Any, problems: list[str]) -> dict[str, ParamSpec]:
         kwargs = _build(ParamSpec, sub, where, problems, skip={"name"})
         if len(problems) == n:
             param = ParamSpec(name=name, **kwargs)
-            problems.extend(f"{where}: {p}" for p in _check_param(param))
+            problems.extend(f"{where}: {p}" for p in _check_param(param, written))
             space[name] = param
     return space
 
 
-def _check_param(p: ParamSpec) -> list[str]:
+def _check_param(p: ParamSpec, written: bool = False) -> list[str]:
+    """What is wrong with one param's space; written (a sweep file): repeated values and a grid value outside the
+    choices too."""
     kind = TUNABLE[p.name]
     has_range = p.low is not None or p.high is not None
     if p.choices is not None and has_range:
@@ -336,6 +371,16 @@ def _check_param(p: ParamSpec) -> list[str]:
     elif not p.choices:
         return ["choices must not be empty"]
     problems = []
+    for name, listed in (("choices", p.choices), ("grid", p.grid)) if written else ():
+        repeated = [v for i, v in enumerate(listed or []) if v in listed[:i]]
+        if repeated:
+            problems.append(f"{name} repeat {', '.join(repr(v) for v in repeated)}")
+    if written and p.choices is not None and p.grid is not None:
+        outside = [v for v in p.grid if v not in p.choices]
+        if outside:
+            problems.append(f"grid {'values' if len(outside) > 1 else 'value'} {', '.join(repr(v) for v in outside)} "
+                            f"{'are' if len(outside) > 1 else 'is'} not among the choices {p.choices}: no worker "
+                            "could run such a point")
     for v in values:
         if not _is_number(v) or (kind is int and not isinstance(v, int)):  # 16.0 would reach the runner as a float
             problems.append(f"{v!r} is not {'an integer' if kind is int else 'a number'}")
@@ -346,12 +391,27 @@ def _check_param(p: ParamSpec) -> list[str]:
     return problems
 
 
+def _most_steps(spec: SweepSpec) -> tuple[int, int, str] | None:
+    """(at most how many optimizer steps a trial of the space's largest batch has, that batch, how so), or None
+    when no bound is known. As runner/train.py counts them: sequences // batch_size. Without packing a token
+    budget's sequences depend on the documents' lengths: no bound."""
+    p = spec.space.get("batch_size")
+    batch = (max(p.choices) if p.choices is not None else int(p.high)) if p is not None else spec.train.batch_size
+    b, seq_len = spec.budget, spec.model.max_seq_len
+    if b.train_examples is not None:  # packed, sequences are at most one per example
+        return max(1, b.train_examples // batch), batch, f"train_examples {b.train_examples} / batch_size {batch}"
+    if not spec.data.packing:
+        return None
+    rows = -(-b.train_tokens // seq_len) + 1  # the last document may run past the budget by up to one sequence
+    return max(1, rows // batch), batch, f"train_tokens {b.train_tokens} / max_seq_len {seq_len} / batch_size {batch}"
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check(spec: SweepSpec) -> list[str]:
-    """Checks across fields, after every field has the right type."""
+def _check(spec: SweepSpec, written: bool = False) -> list[str]:
+    """Checks across fields, after every field has the right type; written (a sweep file): more evals than steps too."""
     problems = []
     if not spec.study.replace("-", "").replace("_", "").replace(".", "").isalnum():
         problems.append(f"study: {spec.study!r} may hold only letters, digits, '-', '_' and '.'")
@@ -370,6 +430,11 @@ def _check(spec: SweepSpec) -> list[str]:
         value = getattr(b, name)
         if value is not None and value < 1:
             problems.append(f"budget.{name}: must be at least 1")
+    budget_ok = (b.train_tokens is None) != (b.train_examples is None) and all(
+        getattr(b, n) is None or getattr(b, n) >= 1 for n in ("train_tokens", "train_examples", "evals"))
+    if written and budget_ok and (steps := _most_steps(spec)) is not None and b.evals > steps[0]:
+        problems.append(f"budget.evals: {b.evals} evaluations, but a trial of batch_size {steps[1]} has at most "
+                        f"{steps[0]} optimizer steps ({steps[2]}); lower budget.evals or raise the budget")
     d = spec.data
     if (d.prompt_field is None) != (d.response_field is None):
         problems.append("data: give both prompt_field and response_field, or neither")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import logging
 import math
@@ -18,21 +17,28 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sweeper.errors import SweeperError, UserError, first_line
 from sweeper.spec import TUNABLE, SweepSpec, spec_from_dict
-from sweeper.storage import open_storage, redact, store_lock
+from sweeper.record import FIXED_PARAMS
+from sweeper.storage import Store, open_store, redact, store_lock
 
 SPEC_ATTR = "sweeper_spec"
 
 optuna.logging.set_verbosity(logging.WARNING)
 
 
-def create_study(spec: SweepSpec, url: str, overwrite: bool = False) -> tuple[optuna.Study, str]:
-    """Create the study and store the spec in it. Returns the study and what was done.
+def _opened(store: Store | str, create: bool = False) -> Store:
+    return open_store(store, create=create) if isinstance(store, str) else store
+
+
+def create_study(spec: SweepSpec, store: Store | str, overwrite: bool = False) -> tuple[optuna.Study, str]:
+    """Create the study (in a store, or the one at a URL) and store the spec in it. Returns the study and what was
+    done.
 
     An existing study with the same spec is left alone; with a different spec it is refused
     unless `overwrite`, which replaces the stored spec and keeps the trials.
     """
-    storage = open_storage(url)
-    with _store_errors(url):
+    store = _opened(store, create=True)
+    storage = store.storage
+    with _store_errors(store.url):
         names = optuna.get_all_study_names(storage)  # summaries would deep-copy every trial
         if spec.study in names:
             study = optuna.load_study(study_name=spec.study, storage=storage)
@@ -45,6 +51,14 @@ def create_study(spec: SweepSpec, url: str, overwrite: bool = False) -> tuple[op
                     f"study {spec.study!r} already exists with a different spec (changed: {', '.join(changed)}); "
                     "pass --overwrite to replace the spec (trials are kept)"
                 )
+            outside = [f"#{t.number} {_shown_point(point)} ({why})" for t in study.get_trials(
+                deepcopy=False, states=(TrialState.WAITING,)) if (why := point_problem(
+                    point := t.system_attrs.get(FIXED_PARAMS, {}), spec)) is not None]
+            if outside:
+                more = f"; and {len(outside) - 10} more" if len(outside) > 10 else ""
+                raise UserError(f"the new spec's space leaves out {len(outside)} enqueued point"
+                                f"{'s' if len(outside) > 1 else ''}, which every worker would fail on: "
+                                f"{'; '.join(outside[:10])}{more}; keep them in the space, or start a new study name")
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             return study, "spec replaced"
         study = optuna.create_study(study_name=spec.study, storage=storage, direction="minimize")
@@ -63,14 +77,15 @@ def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
     return changed
 
 
-def load_study(url: str, name: str | None, worker_seed: int | None = None) -> tuple[optuna.Study, SweepSpec]:
-    """Open a sweeper study and its spec, with the spec's sampler and pruner attached.
+def load_study(store: Store | str, name: str | None, worker_seed: int | None = None) -> tuple[optuna.Study, SweepSpec]:
+    """Open a sweeper study (in a store, or the one at a URL) and its spec, with the spec's sampler and pruner
+    attached.
 
     name None: the store's only study (the store is read once, not once to list and once to load).
     """
-    with gc_paused():
-        storage = open_storage(url)  # a journal store replays its whole log here
-    with _store_errors(url):
+    store = _opened(store)
+    storage = store.storage
+    with _store_errors(store.url):
         if name is None:
             names = optuna.get_all_study_names(storage)  # summaries would deep-copy every trial
             if len(names) != 1:
@@ -92,25 +107,17 @@ def load_study(url: str, name: str | None, worker_seed: int | None = None) -> tu
 
 
 @contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No garbage collection while a store's trials are built: they all stay alive, so the collector's
-    passes over them are wasted (a quarter of the time to open a 5,000-trial journal)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-@contextlib.contextmanager
 def _store_errors(url: str) -> Iterator[None]:
     """A store failing mid-call becomes one SweeperError line instead of a traceback."""
     try:
         yield
     except (OSError, StorageInternalError, SQLAlchemyError) as e:
-        first = first_line(e)
+        cause = e
+        while isinstance(cause, StorageInternalError) and cause.__cause__ is not None:  # Optuna's own words guess
+            cause = cause.__cause__  # ("e.g. exceeding max length"); what failed is the database's error
+        first = first_line(cause)
+        if "database or disk is full" in first:
+            first = "the disk is full (SQLite: database or disk is full)"
         raise SweeperError(f"store {redact(url)} failed: {first.replace(url, redact(url))}") from None
 
 
@@ -168,22 +175,49 @@ def parse_point(text: str, spec: SweepSpec) -> dict[str, Any]:
     point: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, raw = item.partition("=")
-        name = name.strip()
+        name, raw = name.strip(), raw.strip()
         if not sep or name not in spec.space:
             raise UserError(f"bad point {text!r}: give name=value pairs for params in the space ({', '.join(spec.space)})")
+        if name in point:
+            raise UserError(f"bad point {text!r}: {name} is given twice")
         try:
-            value = float(raw) if TUNABLE[name] is float else int(raw)
+            value = float(raw)
         except ValueError:
             raise UserError(f"bad point {text!r}: {name}={raw!r} is not a number") from None
-        p = spec.space[name]
-        ok = value in p.choices if p.choices is not None else p.low <= value <= p.high
-        if not ok:
-            allowed = p.choices if p.choices is not None else f"[{p.low}, {p.high}]"
+        if TUNABLE[name] is int:
+            if not value.is_integer():
+                raise UserError(f"bad point {text!r}: {name}={raw!r} is not a whole number")
+            value = int(value)  # 8.0 is 8
+        if (allowed := _outside(name, value, spec)) is not None:
             raise UserError(f"bad point {text!r}: {name}={value} is outside the space ({allowed})")
         point[name] = value
     if not point:
         raise UserError(f"bad point {text!r}: empty")
     return point
+
+
+def _outside(name: str, value: Any, spec: SweepSpec) -> str | None:
+    """What the space allows of a param, when value is not in it; None when it is."""
+    p = spec.space[name]
+    try:
+        ok = value in p.choices if p.choices is not None else p.low <= value <= p.high
+    except TypeError:  # a value of another kind, from a store written by hand
+        ok = False
+    return None if ok else str(p.choices) if p.choices is not None else f"[{p.low}, {p.high}]"
+
+
+def point_problem(point: dict[str, Any], spec: SweepSpec) -> str | None:
+    """Why an enqueued point cannot run in this spec's space (a value outside it, a param it does not tune), or None."""
+    for name, value in point.items():
+        if name not in spec.space:
+            return f"{name} is not tuned"
+        if (allowed := _outside(name, value, spec)) is not None:
+            return f"{name} not in {allowed}"
+    return None
+
+
+def _shown_point(point: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in point.items())
 
 
 def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -192,16 +226,16 @@ def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-9) for k in a)
 
 
-def enqueue(study: optuna.Study, url: str, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def enqueue(study: optuna.Study, store: Store, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Enqueue the points not already waiting, running or finished; returns those enqueued.
 
     The check and the enqueue happen under the store's lock, so concurrent calls never enqueue a
     point twice (Optuna's own skip_if_exists can, by its documentation).
     """
     added = []
-    with store_lock(url), _store_errors(url):
+    with store_lock(store.url), _store_errors(store.url):
         present = [
-            t.system_attrs.get("fixed_params", t.params)
+            t.system_attrs.get(FIXED_PARAMS, t.params)
             for t in study.get_trials(deepcopy=False)
             if t.state != TrialState.FAIL
         ]

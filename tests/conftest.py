@@ -72,17 +72,27 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     reporter.write_line(f"machine: CPU {cpu}; Python {sys.version.split()[0]}; " + ", ".join(versions))
 
 
+def data_file(folder: Path) -> Path:
+    """The sweep's data.jsonl in folder: `sweeper init` refuses a local store whose data file is missing."""
+    path = folder / "data.jsonl"
+    if not path.exists():
+        path.write_text('{"text": "a few words to train on"}\n')
+    return path
+
+
 @pytest.fixture
-def spec_table() -> dict:
-    """The small valid sweep as plain data, a fresh copy for each test to change."""
-    return tomllib.loads(SPEC_TOML)
+def spec_table(tmp_path: Path) -> dict:
+    """The small valid sweep as plain data, a fresh copy for each test to change; its data file is tmp_path's."""
+    table = tomllib.loads(SPEC_TOML)
+    table["data"]["source"] = str(data_file(tmp_path))
+    return table
 
 
 @pytest.fixture
 def spec_toml(tmp_path: Path) -> Path:
-    """The small valid sweep written to a file."""
+    """The small valid sweep written to a file, beside its data file."""
     path = tmp_path / "sweep.toml"
-    path.write_text(SPEC_TOML)
+    path.write_text(SPEC_TOML.replace('source = "data.jsonl"', f'source = "{data_file(tmp_path)}"'))
     return path
 
 
@@ -92,7 +102,7 @@ def empty_sqlite_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sweeper.storage import open_storage
 
     path = tmp_path_factory.mktemp("template") / "empty.db"
-    open_storage(f"sqlite:///{path}").engine.dispose()
+    open_storage(f"sqlite:///{path}", create=True).engine.dispose()
     return path
 
 
@@ -103,6 +113,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         path = tmp_path / "sweep.db"
         shutil.copyfile(request.getfixturevalue("empty_sqlite_db"), path)
         return f"sqlite:///{path}"
+    (tmp_path / "sweep.log").touch()  # an empty journal: a store with no study, as init leaves it before its first op
     return f"journal://{tmp_path / 'sweep.log'}"
 
 

@@ -190,7 +190,8 @@ def test_enqueue_skips_finished_points_but_retries_failed_ones(with_trials):
         ("learning_rate=abc", "learning_rate='abc' is not a number"),
         ("learning_rate=0.5", "learning_rate=0.5 is outside the space ([0.0001, 0.001])"),
         ("batch_size=12", "batch_size=12 is outside the space ([8, 16])"),
-        ("batch_size=8.5", "batch_size='8.5' is not a number"),
+        ("batch_size=8.5", "batch_size='8.5' is not a whole number"),
+        ("batch_size=8,batch_size=16", "batch_size is given twice"),
         ("lora_r=8", "give name=value pairs for params in the space (learning_rate, batch_size)"),
         ("learning_rate", "give name=value pairs"),
         (",", "empty"),
@@ -331,10 +332,32 @@ def test_best_without_a_complete_trial_exits_1_with_one_line(initialized):
     assert one_error_line(result) == "Error: study 'demo' has no complete trial yet"
 
 
-def test_best_export_to_a_missing_folder_exits_1(with_trials, tmp_path):
+def test_best_export_to_a_missing_folder_exits_2(with_trials, tmp_path):
     result = sweeper("best", "--store", with_trials, "--export", tmp_path / "no" / "best.toml")
-    assert result.exit_code == 1
-    assert "cannot write" in one_error_line(result)
+    assert result.exit_code == 2
+    assert f"folder {tmp_path / 'no'} does not exist" in one_error_line(result)
+
+
+def test_best_export_writes_the_format_its_suffix_names(with_trials, tmp_path):
+    assert sweeper("best", "--store", with_trials, "--export", tmp_path / "best.json").exit_code == 0
+    assert sweeper("best", "--store", with_trials, "--export", tmp_path / "best.toml").exit_code == 0
+    assert json.loads((tmp_path / "best.json").read_text()) == tomllib.loads((tmp_path / "best.toml").read_text())
+
+
+def test_enqueue_point_takes_an_integral_float_for_an_integer_param(initialized):
+    assert sweeper("enqueue", "--store", initialized, "--point", "learning_rate=2e-4,batch_size=8.0").exit_code == 0
+    assert load_study(initialized, "demo")[0].trials[0].system_attrs["fixed_params"] == {"learning_rate": 2e-4,
+                                                                                           "batch_size": 8}
+
+
+def test_stores_marks_the_kinds_this_install_cannot_open(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pymysql" else real(name, *a))
+    lines = {line.split()[0]: line for line in sweeper("stores").stdout.splitlines()}
+    assert lines["mysql://user:pass@host/db"].endswith("(driver missing: pip install PyMySQL)")
+    assert "driver missing" not in lines["sqlite:///path.db"] + lines["postgresql://user:pass@host/db"]
 
 
 # ---------------------------------------------------------------------------------------------

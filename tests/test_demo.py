@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -51,10 +52,18 @@ def test_worker_command_joins_a_study_and_reports_what_it_ran(tmp_path):
     assert out["worker"].startswith("bob/")
 
 
-def test_worker_on_an_unknown_study_is_one_line_and_exit_2(tmp_path):
+def test_worker_on_an_unknown_study_is_one_line_and_exit_2(tmp_path, empty_sqlite_db):
+    shutil.copyfile(empty_sqlite_db, tmp_path / "x.db")
     done = sweeper("worker", "--store", f"sqlite:///{tmp_path / 'x.db'}", "--study", "nope", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["Error: no study 'nope' in the store; the store holds no study yet (run sweeper init)"]
+
+
+def test_worker_on_a_store_that_is_not_there_creates_none(tmp_path):
+    done = sweeper("worker", "--store", f"sqlite:///{tmp_path / 'typo.db'}", "--study", "demo", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"Error: no store at {tmp_path / 'typo.db'} (run sweeper init first)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_into_an_unwritable_folder_is_one_line_and_exit_1(tmp_path):
@@ -68,6 +77,7 @@ def sweep_with_model(tmp_path, model_id: str) -> str:
     from conftest import SPEC_TOML
 
     (tmp_path / "sweep.toml").write_text(SPEC_TOML.replace('id = "tiny/model"', f'id = "{model_id}"'))
+    (tmp_path / "data.jsonl").write_text('{"text": "a few words"}\n')  # init checks that a local store's data is there
     store = f"sqlite:///{tmp_path / 's.db'}"
     assert sweeper("init", "sweep.toml", "--store", store, cwd=tmp_path).returncode == 0
     return store

@@ -266,3 +266,36 @@ def test_an_owner_that_sees_the_takeover_fails_its_trial_in_its_own_shard(tmp_pa
         trial.report(1.0, 1)
     shard = RDBStorage(f"sqlite:///{folder / 'a.db'}")
     assert shard.get_all_trials(shard.get_study_id_from_name("s"))[0].state == TrialState.FAIL
+
+
+def test_a_shard_holding_two_studies_shows_each_its_own_trials(tmp_path):
+    """Trial numbers are per study in a shard: s1's a#0 and s2's a#0 are two trials, in every view, for claims
+    and for takeovers."""
+    from sweeper.leases import hand_over
+
+    folder = tmp_path / "sweep"
+    a = drive(folder, "a")
+    a1, a2 = (optuna.create_study(study_name=name, storage=a) for name in ("s1", "s2"))
+    running = a1.ask()
+    running.suggest_float("x", 0, 1)
+    done = a2.ask()
+    done.suggest_float("y", 0, 1)
+    a2.tell(done, 0.5)
+    b = drive(folder, "b")
+    b1, b2 = (optuna.load_study(study_name=name, storage=b) for name in ("s1", "s2"))
+    view = [[(t.state, t.params, t.system_attrs[ORIGIN]) for t in s.get_trials(deepcopy=False)] for s in (b1, b2)]
+    assert view == [[(TrialState.RUNNING, running.params, "a#0")], [(TrialState.COMPLETE, done.params, "a#0")]]
+
+    a1.ask(), a2.ask()  # a#1 running in each study
+    a1.enqueue_trial({"x": 0.25}), a2.enqueue_trial({"y": 0.75})  # a#2 waiting in each
+    assert b2.ask().suggest_float("y", 0, 1) == 0.75  # b's claims: b#0 in s2, then b#0 in s1
+    assert b1.ask().suggest_float("x", 0, 1) == 0.25
+    assert hand_over(b1, next(t for t in b1.get_trials(deepcopy=False) if t.system_attrs[ORIGIN] == "a#1"),
+                     {"stale_reason": "stale: test"}, None)  # s1's a#1 only
+    expected = [[("a#0", "RUNNING"), ("a#1", "FAIL"), ("b#0", "RUNNING"), ("b#1", "WAITING")],
+                [("a#0", "COMPLETE"), ("a#1", "RUNNING"), ("b#0", "RUNNING")]]
+    a.sync()  # the owner fails its s1 trial in its own shard, and no other
+    for storage in (drive(folder, "c"), a, b):
+        states = [sorted((t.system_attrs[ORIGIN], t.state.name) for t in optuna.load_study(
+            study_name=name, storage=storage).get_trials(deepcopy=False)) for name in ("s1", "s2")]
+        assert states == expected, storage.shard_id

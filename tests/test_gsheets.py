@@ -1,11 +1,16 @@
 """The gsheets:// store against a local Sheets server (tests/sheets_server.py) through the real gspread and google-auth.
 
-Settle, sync, timeout and backoff times are scaled down by environment variables, as a user could set them.
+Settle, sync, timeout and backoff times are scaled down by environment variables, as a user could set them, and
+Google's latency (tails included) by LATENCY_SCALE. Nothing here asserts a time, and no outcome depends on how fast
+the machine is: request timeouts are generous, faults that cost an answer drop the connection rather than wait for
+a timeout, and the views' intervals run on a clock of the test's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import multiprocessing
 import pickle
 import threading
@@ -15,19 +20,21 @@ from collections import Counter
 import optuna
 import pytest
 from optuna.storages import JournalStorage
-from optuna.testing.pytest_storages import StorageTestCase
 from optuna.trial import TrialState
-from sheets_server import FakeSheets, RequestClock
+from sheets_server import FakeSheets, RequestClock, google_latency
 
-from sweeper.errors import SweeperError, UserError
-from sweeper.storage import open_storage
-from sweeper.storage.google_auth import CREDENTIALS_ENV, find_credentials
-from sweeper.storage.gsheets import (CELL_CHARS, JOURNAL, JournalChanged, backend_of, request_counts, spreadsheet_id,
-                                     update_views)
-from sweeper.storage.sheets_api import SheetsUnavailable, check_endpoint
+from sweeper.errors import StoreChanged, SweeperError, UserError
+from sweeper.storage import open_storage, open_store
+from sweeper.storage.gsheets import backend_of, request_counts, spreadsheet_id
+from sweeper.storage.gsheets.auth import CREDENTIALS_ENV, find_credentials
+from sweeper.storage.gsheets.client import SheetsUnavailable, UnsendableRequest, check_endpoint
+from sweeper.storage.gsheets.journal import CELL_CHARS, JOURNAL, JOURNAL_COLUMNS
+from sweeper.storage.gsheets.views import VIEW_COLUMNS, SheetViews
 
-FAST = {"SWEEPER_GSHEETS_SETTLE_S": "0.01", "SWEEPER_GSHEETS_SYNC_S": "0.3", "SWEEPER_GSHEETS_TIMEOUT_S": "0.5",
-        "SWEEPER_GSHEETS_BACKOFF_S": "0.01", "SWEEPER_GSHEETS_BACKOFF_CAP_S": "0.05"}
+LATENCY_SCALE = 0.005  # Google's 0.15-0.5 s (tails 1-3 s) as 0.8-2.5 ms (5-15 ms) here
+# The settle time stays at 10 ms where nothing races (serialized appends); the tests of racing appends let it grow.
+FAST = {"SWEEPER_GSHEETS_SETTLE_S": "0.01", "SWEEPER_GSHEETS_SETTLE_MAX_S": "0.01", "SWEEPER_GSHEETS_SYNC_S": "0.3",
+        "SWEEPER_GSHEETS_TIMEOUT_S": "20", "SWEEPER_GSHEETS_BACKOFF_S": "0.01", "SWEEPER_GSHEETS_BACKOFF_CAP_S": "0.05"}
 
 
 def worker_env(fake: FakeSheets, account: dict, **overrides: str) -> dict[str, str]:
@@ -43,7 +50,7 @@ def _no_ambient_google(monkeypatch):
 
 @pytest.fixture(scope="module")
 def fake():
-    with FakeSheets(latency=(0.0, 0.002), hang_s=0.6) as server:
+    with FakeSheets(latency=google_latency(LATENCY_SCALE)) as server:
         yield server
 
 
@@ -70,14 +77,6 @@ def sid_of(url: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Optuna's own storage behaviours
-
-
-class TestOptunaStorageContract(StorageTestCase):
-    """Optuna's storage test suite (studies, trials, params, values, attrs, pickling), on a sheet."""
-
-    @pytest.fixture
-    def storage(self, sheet):
-        return open_storage(sheet)
 
 
 def test_ask_tell_enqueue_report_prune_and_a_second_reader_sees_it_all(sheet):
@@ -139,10 +138,10 @@ def test_another_workers_op_shows_up_after_the_sync_interval(sheet):
 def test_a_study_of_many_trials_opens_with_one_read_of_the_journal(sheet, fake, monkeypatch):
     monkeypatch.setenv("SWEEPER_GSHEETS_SETTLE_S", "0")  # a quick writer; the reader below settles as usual
     study = optuna.create_study(study_name="s", storage=open_storage(sheet))
-    monkeypatch.setenv("SWEEPER_GSHEETS_SETTLE_S", FAST["SWEEPER_GSHEETS_SETTLE_S"])
     study.add_trials([optuna.trial.create_trial(params={"x": i / 100}, distributions={
         "x": optuna.distributions.FloatDistribution(0, 1)}, value=i) for i in range(100)])
-    time.sleep(0.05)  # older than settle_s: nothing can still land among these rows
+    monkeypatch.setenv("SWEEPER_GSHEETS_SETTLE_S", FAST["SWEEPER_GSHEETS_SETTLE_S"])
+    monkeypatch.setenv("SWEEPER_GSHEETS_SETTLE_MAX_S", "1")  # however far the settle time may grow
     reads, rows = fake.stats["reads"], fake.stats["writes"]
     loaded = optuna.load_study(study_name="s", storage=open_storage(sheet))
     assert len(loaded.trials) == 100
@@ -154,10 +153,10 @@ def test_a_study_of_many_trials_opens_with_one_read_of_the_journal(sheet, fake, 
 # Faults: duplicates, lost appends, timeouts after landing, 429, 5xx
 
 
-def test_an_append_that_timed_out_after_landing_is_found_and_not_appended_again(sheet, fake):
+def test_an_append_whose_answer_was_lost_after_landing_is_found_and_not_appended_again(sheet, fake):
     storage = open_storage(sheet)
     study = optuna.create_study(storage=storage)
-    fake.inject("timeout", ":append")
+    fake.inject("drop", ":append")  # applied; the connection closes before the answer (as after a timeout)
     study.set_user_attr("k", "v")
     ops = [r for r in fake.rows(sid_of(sheet), JOURNAL)[1:] if '"k"' in r[2]]
     assert len(ops) == 1 and study.user_attrs == {"k": "v"}
@@ -184,6 +183,18 @@ def test_a_repeated_op_id_is_dropped_first_copy_wins(sheet, fake):
     reader = open_storage(sheet)
     assert optuna.load_study(study_name=study.study_name, storage=reader).user_attrs == {"k": "first"}
     assert backend_of(reader).stats["duplicates_dropped"] == 1
+
+
+def test_a_408_is_retried_and_an_append_that_got_one_is_verified_by_reading(sheet, fake):
+    storage = open_storage(sheet)
+    study = optuna.create_study(storage=storage)
+    fake.inject("408", ":append")  # Google's front end: an HTML page, the append may or may not have landed
+    fake.inject("408", "/values/journal")  # and a read
+    study.set_user_attr("k", "v")
+    stats = backend_of(storage).stats
+    assert study.user_attrs == {"k": "v"} and stats["http_408"] == 2
+    assert stats["uncertain_appends"] == 1 and stats["reappends"] == 1  # not found by reading: appended again
+    assert len([r for r in fake.rows(sid_of(sheet), JOURNAL) if '"k"' in r[2]]) == 1
 
 
 def test_429s_and_500s_are_retried_within_bounds(fake, account, monkeypatch):
@@ -217,9 +228,9 @@ def test_retries_are_bounded_and_end_in_one_line(fake, account, monkeypatch):
 
 @pytest.fixture
 def racy(monkeypatch):
-    with FakeSheets(mode="racy", latency=(0.0, 0.002)) as server:
+    with FakeSheets(mode="racy", latency=google_latency(LATENCY_SCALE)) as server:
         acct = server.add_service_account()
-        use(monkeypatch, worker_env(server, acct))
+        use(monkeypatch, worker_env(server, acct, SWEEPER_GSHEETS_SETTLE_MAX_S="0.05"))  # room to cover the tails
         yield server, f"gsheets://{server.add_spreadsheet(editors=[acct['client_email']])}"
 
 
@@ -282,10 +293,10 @@ def test_a_replayed_row_that_changes_fails_loudly_and_blocks_writes(racy, monkey
     with fake.lock:
         fake.spreadsheets[sid_of(url)]["sheets"][JOURNAL].rows.insert(2, ["late:0", "1/1", rows[2][2]])
     time.sleep(0.35)  # past sync_s
-    with pytest.raises(JournalChanged, match=r"changed at row 3, .*reload the study"):
+    with pytest.raises(StoreChanged, match=r"changed at row 3, .*reload the study"):
         study.user_attrs  # noqa: B018
     writes = fake.stats["writes"]
-    with pytest.raises(JournalChanged):
+    with pytest.raises(StoreChanged):
         study.set_user_attr("b", 2)
     assert fake.stats["writes"] == writes
 
@@ -303,7 +314,7 @@ def test_an_op_on_our_trial_replayed_ahead_must_commute_with_what_settles_before
     assert study.trials[0].user_attrs == {"by": "us"}
     time.sleep(0.35)  # past sync_s: the next read settles both rows, theirs first
     if fails:
-        with pytest.raises(JournalChanged, match=r"journal row 5 .* landed before an op of this worker"):
+        with pytest.raises(StoreChanged, match=r"journal row 5 .* landed before an op of this worker"):
             study.trials  # noqa: B018
     else:
         assert [t.user_attrs for t in study.trials] == [{"by": "us"}, {"by": "them"}]
@@ -335,9 +346,10 @@ def test_sweeper_init_prepares_the_sheet_and_a_worker_reads_the_spec_back(sheet,
     sheets = fake.spreadsheets[sid_of(sheet)]["sheets"]
     assert {"journal", "trials", "workers"} <= set(sheets)
     assert fake.rows(sid_of(sheet), "workers")[0][0] == "worker"
-    study, loaded = load_study(sheet, "demo", worker_seed=1)
+    store = open_store(sheet)
+    study, loaded = load_study(store, "demo", worker_seed=1)
     assert loaded == spec
-    assert len(enqueue(study, sheet, grid_points(spec))) == 8 and len(enqueue(study, sheet, grid_points(spec))) == 0
+    assert len(enqueue(study, store, grid_points(spec))) == 8 and len(enqueue(study, store, grid_points(spec))) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +434,7 @@ def test_revoked_credentials_are_one_line_without_key_or_token(fake, monkeypatch
     message = str(caught.value)
     assert "refused the credentials" in message and "revoked" in message and "\n" not in message
     key_line = acct["private_key"].splitlines()[1]
-    token = backend_of(storage)._client().session.credentials.token
+    token = backend_of(storage).client().session.credentials.token
     assert key_line not in message and token not in message and "ya29" not in message
 
 
@@ -459,16 +471,32 @@ def test_the_backend_pickles_without_credentials_and_reconnects(sheet):
 # The views
 
 
+class Clock:
+    """The views' clock, moved on by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def views_on(store, clock: Clock) -> None:
+    backend = backend_of(store.storage)
+    backend.views = SheetViews(backend, clock=clock)
+
+
 def test_views_mirror_trials_and_workers_and_come_back_when_deleted(sheet, fake, tmp_path, monkeypatch):
-    monkeypatch.setenv("SWEEPER_GSHEETS_VIEWS_S", "0.2")
-    storage = open_storage(sheet)
-    study = optuna.create_study(study_name="s", storage=storage)
+    monkeypatch.setenv("SWEEPER_GSHEETS_VIEWS_S", "60")
+    store, clock = open_store(sheet), Clock()
+    views_on(store, clock)
+    study = optuna.create_study(study_name="s", storage=store.storage)
     trial = study.ask()
     trial.suggest_float("lr", 1e-4, 1e-3, log=True)
     trial.set_user_attr("worker", {"account": "ana", "gpu": "T4"})
     info = {"worker": "ana/1", "account": "ana", "platform": "colab", "gpu": "T4", "trial": 0, "gpu_hours": 0.5}
-    assert update_views(storage, study, info) == 2  # first row append + one batch update
-    assert update_views(storage, study, info) == 0  # nothing changed: no request
+    assert store.update_views(study, info) == 3  # row append, the trials grid grown, one batch update
+    assert store.update_views(study, info) == 0  # nothing changed: no request
     sid = sid_of(sheet)
     assert fake.rows(sid, "trials")[0] == ["trial", "state", "lr", "value", "account", "GPU", "wall s"]
     assert fake.rows(sid, "trials")[1][:2] == [0, "RUNNING"] and fake.rows(sid, "trials")[1][4:6] == ["ana", "T4"]
@@ -477,15 +505,183 @@ def test_views_mirror_trials_and_workers_and_come_back_when_deleted(sheet, fake,
     fake.delete_sheet(sid, "workers")
     study.tell(trial, 0.3)
     done = {**info, "trial": None, "gpu_hours": 0.7}
-    assert update_views(storage, study, done) == 0  # changes wait for views_s
-    time.sleep(0.25)
-    assert update_views(storage, study, done) >= 2  # the sheet back, this worker's row, the trials table
+    assert store.update_views(study, done) == 0  # changes wait for views_s
+    clock.now += 61
+    assert store.update_views(study, done) >= 2  # the sheet back, this worker's row, the trials table
     assert fake.rows(sid, "workers")[1][:5] == ["ana/1", "ana", "colab", "T4", ""]
     assert fake.rows(sid, "workers")[1][6] == 0.7
     assert fake.rows(sid, "trials")[1][:4] == [0, "COMPLETE", trial.params["lr"], 0.3]
 
-    other = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'x.db'}"))
-    assert update_views(other._storage, other, info) == 0
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'x.db'}")  # a store that keeps no views
+    other_store = open_store(f"sqlite:///{tmp_path / 'x.db'}")
+    assert other_store.update_views(optuna.create_study(storage=other_store.storage), info) == 0
+
+
+def test_the_trials_view_grows_its_grid_and_a_refused_write_is_not_resent_at_every_update(sheet, fake, monkeypatch):
+    monkeypatch.setenv("SWEEPER_GSHEETS_VIEWS_S", "60")
+    store, clock = open_store(sheet), Clock()
+    views_on(store, clock)
+    study = optuna.create_study(study_name="s", storage=store.storage)
+    names = [f"p{i:02d}" for i in range(21)]  # 27 columns: past Google's 26 as well as the 6 the view is made with
+    study.optimize(lambda t: sum(t.suggest_float(n, 0, 1) for n in names), n_trials=3)
+    info = {"worker": "ana/1", "account": "ana", "platform": "colab", "gpu": "T4", "trial": None, "gpu_hours": 0.1}
+    assert store.update_views(study, info) > 0
+    sid, stats = sid_of(sheet), backend_of(store.storage).stats
+    assert fake.rows(sid, "trials")[0][2:23] == names and [r[0] for r in fake.rows(sid, "trials")[1:]] == [0, 1, 2]
+    assert fake.rows(sid, "workers")[1][0] == "ana/1" and stats["views_failed"] == 0
+
+    # A person shrinks the view's grid: this worker's sizes are stale, and Google refuses the next write.
+    with fake.lock:
+        grid = fake.spreadsheets[sid]["sheets"]["trials"]
+        grid.row_count, grid.rows = 2, grid.rows[:2]
+    study.optimize(lambda t: sum(t.suggest_float(n, 0, 1) for n in names), n_trials=1)
+    clock.now += 61
+    assert store.update_views(study, {**info, "trial": 3}) == 0 and stats["views_failed"] == 1
+    writes = fake.stats["writes"]
+    for _ in range(5):  # not resent at every update
+        clock.now += 10
+        assert store.update_views(study, {**info, "trial": 3}) == 0
+    assert fake.stats["writes"] == writes
+    clock.now += 10  # views_s after the failure: tried again, with the grid's sizes read again
+    assert store.update_views(study, {**info, "trial": 3}) >= 3 and stats["views_failed"] == 1
+    assert [r[0] for r in fake.rows(sid, "trials")[1:]] == [0, 1, 2, 3]
+
+
+def test_a_cell_to_clear_is_sent_as_empty_text_since_google_skips_nulls(sheet, fake, monkeypatch):
+    monkeypatch.setenv("SWEEPER_GSHEETS_VIEWS_S", "60")
+    store, clock = open_store(sheet), Clock()
+    views_on(store, clock)
+    backend, sid = backend_of(store.storage), sid_of(sheet)
+    # The fake does what Google does with a null: nothing.
+    backend.client().values_update(sid, "trials!A1", params={"valueInputOption": "RAW"}, body={"values": [["x"]]})
+    backend.client().values_update(sid, "trials!A1", params={"valueInputOption": "RAW"}, body={"values": [[None]]})
+    assert fake.rows(sid, "trials")[0][0] == "x"
+
+    study = optuna.create_study(study_name="s", storage=store.storage)
+    trial = study.ask()
+    trial.set_user_attr("worker", {"account": "ana", "gpu": "T4"})
+    info = {"worker": "ana/1", "account": "ana", "platform": "colab", "gpu": "T4", "trial": 0, "gpu_hours": 0.1}
+    store.update_views(study, info)
+    assert fake.rows(sid, "trials")[1][3:5] == ["ana", "T4"]
+    trial.set_user_attr("worker", {"account": "ana", "gpu": None})  # the GPU went away
+    clock.now += 61
+    store.update_views(study, {**info, "trial": None, "gpu": None})
+    assert fake.rows(sid, "trials")[1][3:5] == ["ana", ""]
+    assert fake.rows(sid, "workers")[1][3:5] == ["", ""]
+
+
+def test_an_infinite_or_nan_value_is_written_as_text_and_an_unsendable_request_is_never_retried(sheet, fake):
+    store = open_store(sheet)
+    study = optuna.create_study(study_name="s", storage=store.storage)
+    trial = study.ask()
+    trial.set_user_attr("result", {"wall_time_s": math.nan})
+    study.tell(trial, math.inf)  # Optuna takes an infinite loss
+    info = {"worker": "ana/1", "account": "ana", "platform": "colab", "gpu": "T4", "trial": None, "gpu_hours": 0.1}
+    stats = backend_of(store.storage).stats
+    retries = stats["retries"]
+    assert store.update_views(study, info) > 0
+    assert fake.rows(sid_of(sheet), "trials")[1] == [0, "COMPLETE", "inf", "", "", "nan"]
+    assert stats["retries"] == retries and stats["views_failed"] == 0
+
+    writes = fake.stats["writes"]
+    with pytest.raises(UnsendableRequest, match="not JSON"):
+        backend_of(store.storage).client().values_update(sid_of(sheet), "trials!A1", params={"valueInputOption": "RAW"},
+                                                         body={"values": [[math.nan]]})
+    assert fake.stats["writes"] == writes and stats["retries"] == retries
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells: 10 million per spreadsheet, every worksheet's whole grid counted
+
+
+def test_the_journal_and_views_are_made_only_as_wide_as_what_they_hold(fake, account, monkeypatch):
+    # Google's default worksheet (1000 x 26) three times would not fit under this limit at all.
+    with FakeSheets(latency=google_latency(LATENCY_SCALE), cell_limit=40_000) as small:
+        acct = small.add_service_account()
+        use(monkeypatch, worker_env(small, acct, SWEEPER_GSHEETS_CELL_LIMIT="40000"))
+        sid = small.add_spreadsheet(editors=[acct["client_email"]])
+        study = optuna.create_study(study_name="s", storage=open_storage(f"gsheets://{sid}"))
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+        rows = len(small.rows(sid, JOURNAL))
+        assert small.grid(sid, JOURNAL) == (rows, JOURNAL_COLUMNS)  # 4 cells a row, not 26
+        assert small.grid(sid, "trials") == (1, VIEW_COLUMNS["trials"]) and small.grid(sid, "workers") == (1, 7)
+        assert small.cells(sid) == 26_000 + rows * 4 + 6 + 7  # Sheet1, the journal, the two view headers
+
+
+def test_the_worker_says_how_much_room_is_left_then_fails_in_one_line_when_the_sheet_is_full(monkeypatch, caplog):
+    limit = 6 + 7 + 4 * 40  # the two view headers and 40 journal rows
+    with FakeSheets(latency=google_latency(LATENCY_SCALE), cell_limit=limit) as small:
+        acct = small.add_service_account()
+        use(monkeypatch, worker_env(small, acct, SWEEPER_GSHEETS_CELL_LIMIT=str(limit), SWEEPER_GSHEETS_SETTLE_S="0"))
+        sid = small.add_spreadsheet(editors=[acct["client_email"]])
+        small.delete_sheet(sid, "Sheet1")  # Google's first worksheet would be most of so small a limit
+        storage = open_storage(f"gsheets://{sid}")
+        study = optuna.create_study(study_name="s", storage=storage)
+        dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+        with caplog.at_level(logging.WARNING, logger="sweeper.storage.gsheets.journal"), \
+                pytest.raises(SweeperError) as full:
+            for i in range(100):  # one journal row per trial
+                study.add_trial(optuna.trial.create_trial(params={"x": i / 100}, distributions=dist, value=i))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+        assert f"of the {limit:,} cells Google allows" in warnings[0] and " trials at 1 rows a trial" in warnings[0]
+        message = str(full.value)
+        assert f"spreadsheet {sid!r} is full: Google Sheets holds {limit:,} cells" in message and "\n" not in message
+        assert small.cells(sid) <= limit
+        assert len(optuna.load_study(study_name="s", storage=open_storage(f"gsheets://{sid}")).trials) == i
+
+
+def test_a_journal_made_26_columns_wide_by_an_older_version_is_narrowed_and_keeps_every_op(monkeypatch):
+    limit = 1_000  # with the views, 26 cells a row would fill it at 36 journal rows; 4 cells a row at 237
+    with FakeSheets(latency=google_latency(LATENCY_SCALE), cell_limit=limit) as small:
+        acct = small.add_service_account()
+        use(monkeypatch, worker_env(small, acct, SWEEPER_GSHEETS_CELL_LIMIT=str(limit), SWEEPER_GSHEETS_SETTLE_S="0"))
+        sid = small.add_spreadsheet(editors=[acct["client_email"]])
+        small.delete_sheet(sid, "Sheet1")
+        for title, header in (("journal", ["op id", "chunk", "op (Optuna journal JSON)", "written (UTC)"]),
+                              ("trials", ["trial"]), ("workers", ["worker"])):
+            small.add_sheet(sid, title, rows=1, cols=26)  # as they were made before: Google's 26 columns
+            small.set_row(sid, title, 1, header)
+        study = optuna.create_study(study_name="s", storage=open_storage(f"gsheets://{sid}"))
+        dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+        for i in range(60):
+            study.add_trial(optuna.trial.create_trial(params={"x": i / 1000}, distributions=dist, value=i))
+        assert small.grid(sid, JOURNAL)[1] == JOURNAL_COLUMNS
+        assert backend_of(study._storage).stats["journal_narrowed"] == 1
+        fresh = optuna.load_study(study_name="s", storage=open_storage(f"gsheets://{sid}"))
+        assert [t.value for t in fresh.trials] == list(range(60))
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency: the settle time follows Google's
+
+
+def test_latency_tails_far_above_settle_s_make_workers_wait_longer_never_see_the_store_change(monkeypatch):
+    # Google's latency, tails included, with a settle_s far below even its body: only the settle time the workers
+    # measure keeps racing appends (aimed at the same row, landing whenever their latency says) out of the rows
+    # they have replayed.
+    settle_s = 0.0005
+    with FakeSheets(mode="racy", latency=google_latency(LATENCY_SCALE), seed=5) as racy:
+        acct = racy.add_service_account()
+        use(monkeypatch, worker_env(racy, acct, SWEEPER_GSHEETS_SETTLE_S=str(settle_s),
+                                    SWEEPER_GSHEETS_SETTLE_MAX_S="0.5", SWEEPER_GSHEETS_SYNC_S="0.05"))
+        url = f"gsheets://{racy.add_spreadsheet(editors=[acct['client_email']])}"
+        optuna.create_study(study_name="s", storage=open_storage(url))
+        workers = [optuna.load_study(study_name="s", storage=open_storage(url)) for _ in range(4)]
+
+        def work(study: optuna.Study) -> None:
+            for _ in range(4):
+                trial = study.ask()
+                trial.report(trial.suggest_float("x", 0, 1), step=1)
+                study.tell(trial, trial.params["x"])
+
+        _in_threads(*(lambda w=w: work(w) for w in workers))
+        assert racy.max_land_s > 5 * settle_s  # appends landed far later than settle_s
+        assert racy.stats["racy_reorders"] > 0  # and raced
+        assert all(backend_of(w._storage).settle_s() > 5 * settle_s for w in workers)  # each worker waited longer
+        fresh = optuna.load_study(study_name="s", storage=open_storage(url))
+        assert [t.number for t in fresh.trials] == list(range(16))
+        assert all(t.state == TrialState.COMPLETE for t in fresh.trials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,15 +714,17 @@ def run_worker(url: str, env: dict[str, str], seed: int, out) -> None:
 
 
 # An append that lands later than settle_s after it was sent, aimed at a row picked on arrival, would land among
-# rows already replayed: the readers detect it (JournalChanged) but cannot absorb it, so "late" faults are for
+# rows already replayed: the readers detect it (StoreChanged) but cannot absorb it, so "late" faults are for
 # the serialized mode, where a late copy lands at the end and is dropped as a duplicate.
-@pytest.mark.parametrize("mode, faults", [("serialized", ("500", "429", "timeout", "late")),
-                                          ("racy", ("500", "429", "timeout"))])
+@pytest.mark.parametrize("mode, faults", [("serialized", ("500", "429", "408", "timeout", "late")),
+                                          ("racy", ("500", "429", "408", "timeout"))])
 def test_eight_workers_times_five_trials_under_faults_lose_and_repeat_nothing(mode, faults, capsys):
-    with FakeSheets(mode=mode, latency=(0.0, 0.01), fault_rate=0.1, faults=faults, hang_s=0.4, read_quota=20,
-                    write_quota=20, quota_window_s=0.5, seed=7) as fake:
+    with FakeSheets(mode=mode, latency=google_latency(LATENCY_SCALE), fault_rate=0.1, faults=faults, hang_s=0.4,
+                    read_quota=20, write_quota=20, quota_window_s=0.5, seed=7) as fake:
         accounts = [fake.add_service_account() for _ in range(2)]  # two people, four notebooks each
         url = f"gsheets://{fake.add_spreadsheet(editors=[a['client_email'] for a in accounts])}"
+        # A timeout below hang_s, for the "timeout" faults; one hit by a request slowed by a busy machine is one more
+        # uncertain append, handled like the others.
         envs = [worker_env(fake, accounts[i % 2], SWEEPER_GSHEETS_SETTLE_S="0.1", SWEEPER_GSHEETS_TIMEOUT_S="0.3",
                            SWEEPER_GSHEETS_BACKOFF_S="0.05", SWEEPER_GSHEETS_BACKOFF_CAP_S="0.5",
                            SWEEPER_GSHEETS_SYNC_S="1") for i in range(N_WORKERS)]
@@ -567,13 +765,14 @@ def test_eight_workers_times_five_trials_under_faults_lose_and_repeat_nothing(mo
     stats = sum((Counter(r[2]) for r in results), Counter())
     with capsys.disabled():
         print(f"\n[{mode}] faults injected: 500={fake.stats['fault_500']} 429={fake.stats['fault_429']} "
+              f"408={fake.stats['fault_408']} "
               f"timeout-after-write={fake.stats['fault_timeout']} late={fake.stats['fault_late']} "
               f"quota-429={fake.stats['429_quota']} "
               f"racy reorders={fake.stats['racy_reorders']} | workers: requests={stats['reads'] + stats['writes']} "
               f"retries={stats['retries']} uncertain appends={stats['uncertain_appends']} "
               f"re-appends={stats['reappends']} duplicate rows in the sheet={duplicate_rows} (dropped by every reader) "
-              f"ops ahead={stats['ops_ahead']} | longest append landing {fake.max_land_s * 1000:.0f} ms")
-    assert fake.max_land_s < 0.1  # the test's settle_s covered every racing append
+              f"ops ahead={stats['ops_ahead']} late landings seen={stats['late_landings']} | longest append "
+              f"landing {fake.max_land_s * 1000:.0f} ms")
 
 
 def test_the_real_worker_runs_qlora_trials_on_a_sheet_and_fills_its_views(sheet, fake, tmp_path, monkeypatch):
@@ -584,7 +783,8 @@ def test_the_real_worker_runs_qlora_trials_on_a_sheet_and_fills_its_views(sheet,
 
     monkeypatch.setenv("SWEEPER_GSHEETS_VIEWS_S", "0")
     sweep = prepare_demo(tmp_path / "demo", n_trials=2)
-    sweep.write_text(sweep.read_text().replace("train_tokens = 60_000", "train_tokens = 4_000"))
+    sweep.write_text(sweep.read_text().replace("train_tokens = 60_000", "train_tokens = 4_000")
+                     .replace("evals = 4", "evals = 2"))  # 2 optimizer steps a trial at batch size 16
     create_study(load_spec(sweep), sheet)
 
     summary = run_worker(sheet, "demo", account="ana", checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)

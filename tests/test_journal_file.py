@@ -15,7 +15,7 @@ import pytest
 
 from sweeper.errors import UserError
 from sweeper.spec import spec_from_dict
-from sweeper.storage import open_storage
+from sweeper.storage import open_storage, open_store
 from sweeper.study import create_study, enqueue
 
 
@@ -25,8 +25,9 @@ def journal(tmp_path, spec_table):
     before that op, the op's line)."""
     path = tmp_path / "sweep.log"
     url = f"journal://{path}"
-    study, _ = create_study(spec_from_dict(spec_table), url)
-    enqueue(study, url, [{"learning_rate": 2e-4, "batch_size": 8}])
+    store = open_store(url, create=True)
+    study, _ = create_study(spec_from_dict(spec_table), store)
+    enqueue(study, store, [{"learning_rate": 2e-4, "batch_size": 8}])
     before = path.read_bytes()
     study.set_user_attr("last", "op")
     return url, path, before, path.read_bytes()[len(before):]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,16 +54,56 @@ def test_a_lease_is_stale_after_three_silent_beats_on_the_observers_clock():
     assert watcher.stale(study.trials, own={silent._trial_id}) == []  # never our own trial
 
 
-def test_a_heartbeat_beats_until_the_trial_finishes():
+def test_a_heartbeat_beats_until_the_trial_finishes_and_watches_after_each_beat():
     study = optuna.create_study()
     trial = running_trial(study, beat=None)
-    heartbeat = Heartbeat(study._storage, trial._trial_id, {"worker": "w/1"}, interval_s=0.05)
-    time.sleep(0.3)
-    assert study._storage.get_trial(trial._trial_id).system_attrs[LEASE]["beat"] >= 3
+    watched, three = [], threading.Event()
+
+    def watch() -> None:
+        watched.append(study._storage.get_trial(trial._trial_id).system_attrs[LEASE]["beat"])
+        if len(watched) == 3:
+            three.set()
+
+    heartbeat = Heartbeat(study._storage, trial._trial_id, {"worker": "w/1"}, interval_s=0.01, watch=watch)
+    assert three.wait(timeout=60)
+    assert watched[:3] == [2, 3, 4]  # each watch comes right after its beat (the first beats at start)
+    lease = study._storage.get_trial(trial._trial_id).system_attrs[LEASE]
+    assert lease["worker"] == "w/1" and abs(lease["at"] - time.time()) < 3600  # the writer's wall time
     study.tell(trial, state=TrialState.FAIL)  # as a takeover would
-    time.sleep(0.15)
+    heartbeat._thread.join(timeout=60)
     assert not heartbeat._thread.is_alive()  # it stopped by itself
     heartbeat.stop()
+
+
+def test_a_worker_that_watched_while_training_takes_a_dead_trial_over_at_its_next_ask():
+    """The kill-to-takeover bound: the lease went silent while we trained; at our ask the grace is long past."""
+    study = optuna.create_study()
+    dead = running_trial(study, beat=5)
+    clock = Clock()
+    watcher = Watcher(interval_s=2, clock=clock)  # grace 6 s
+    watcher.observe(study.trials)  # our heartbeat thread, early in our trial: the dead worker's last beat
+    for _ in range(45):  # our 90 s trial: we watch after each of our beats; its lease never changes
+        clock.now += 2
+        watcher.observe(study.trials)
+    logged = []
+    assert take_over_stale(study, watcher, logged.append, by="w2/2") == 1  # at once, not a grace after the ask
+    failed = study._storage.get_trial(dead._trial_id)
+    assert failed.state == TrialState.FAIL and "for 90 s (taken over)" in failed.user_attrs["stale_reason"]
+    assert failed.user_attrs["takeover"]["by"] == "w2/2" and failed.user_attrs["takeover"]["silent_s"] == 90
+
+
+def test_the_report_gives_a_running_trials_lease_age_and_marks_it_past_the_grace(tmp_path, spec_toml):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweeper("init", spec_toml, "--store", url).exit_code == 0
+    study = optuna.load_study(study_name="demo", storage=open_storage(url))
+    for age in (5, 200):
+        trial = study.ask()
+        study._storage.set_trial_system_attr(trial._trial_id, LEASE, {"worker": "ana/1", "beat": 1,
+                                                                       "at": time.time() - age})
+    notes = [r["note"] for r in json.loads(sweeper("report", "--store", url, "--json").output)]
+    grace = 3 * 60  # the spec_toml fixture's heartbeat_s is 60
+    assert notes[0].startswith("lease ") and "grace" not in notes[0]
+    assert notes[1] == f"lease 3 min old, past the {grace // 60} min grace: the next worker to ask takes it over"
 
 
 def test_two_workers_taking_over_one_trial_enqueue_one_resume(store_url):

@@ -145,7 +145,7 @@ def test_the_local_notebook_runs_a_real_trial_on_a_jupyter_kernel(kernel, tmp_pa
     from sweeper.study import create_study
 
     sweep = prepare_demo(tmp_path / "demo", n_trials=4)
-    sweep.write_text(sweep.read_text().replace("train_tokens = 60_000", "train_tokens = 4_000"))
+    sweep.write_text(sweep.read_text().replace("train_tokens = 60_000", "train_tokens = 4_000").replace("evals = 4", "evals = 2"))
     store = f"sqlite:///{tmp_path / 'sweeps.db'}"
     create_study(load_spec(sweep), store)
     nb = render("local", store, "demo", account="nb", max_trials=1, checkpoint_root=str(tmp_path / "ck"))
@@ -175,7 +175,7 @@ def sheet_study(tmp_path, monkeypatch):
 
     from runner.demo import prepare_demo
     from sweeper.spec import load_spec
-    from sweeper.storage.google_auth import CREDENTIALS_ENV
+    from sweeper.storage.gsheets.auth import CREDENTIALS_ENV
     from sweeper.study import create_study
 
     with FakeSheets() as fake:
@@ -185,7 +185,7 @@ def sheet_study(tmp_path, monkeypatch):
         for name, value in {"ENDPOINT": fake.url, "SETTLE_S": "0.05", "SYNC_S": "0.3", "TIMEOUT_S": "60"}.items():
             monkeypatch.setenv(f"SWEEPER_GSHEETS_{name}", value)
         sweep = prepare_demo(tmp_path / "demo", n_trials=4)
-        sweep.write_text(sweep.read_text().replace("train_tokens = 60_000", "train_tokens = 4_000"))
+        sweep.write_text(sweep.read_text().replace("train_tokens = 60_000", "train_tokens = 4_000").replace("evals = 4", "evals = 2"))
         monkeypatch.setenv(CREDENTIALS_ENV, json.dumps(account))
         create_study(load_spec(sweep), store)
         monkeypatch.delenv(CREDENTIALS_ENV)  # from here on, only the notebook platform's secret holds it

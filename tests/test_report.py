@@ -31,7 +31,7 @@ TRIALS = [
 def study_and_spec(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     (folder / "sweep.toml").write_text(
-        'study = "demo"\n[model]\nid = "m"\n[data]\nsource = "d.jsonl"\n[budget]\ntrain_tokens = 1000\n')
+        'study = "demo"\n[model]\nid = "m"\n[data]\nsource = "d.jsonl"\n[budget]\ntrain_tokens = 200_000\n')
     url = f"journal://{folder / 'sweep.log'}"
     create_study(load_spec(folder / "sweep.toml"), url)
     study, spec = load_study(url, "demo")

@@ -18,6 +18,7 @@ from runner import demo, run_worker
 from runner.train import NonFiniteLoss, SweepData, prepare_data, quiet_libraries, run_trial
 from sweeper.spec import SweepSpec, load_spec, spec_from_dict
 from sweeper.leases import stopped_workers
+from sweeper.storage import open_store
 from sweeper.study import create_study, enqueue, load_study
 
 quiet_libraries()
@@ -147,6 +148,7 @@ def test_nan_loss_stops_the_trial_with_the_reason(demo_dir, sweep_data, tmp_path
 def write_sweep(demo_dir: Path, tmp_path: Path, n_trials: int = 3, **changes) -> Path:
     text = (demo_dir / "sweep.toml").read_text()
     text = text.replace("n_trials = 12", f"n_trials = {n_trials}").replace("train_tokens = 60_000", "train_tokens = 6_000")
+    text = text.replace("evals = 4", "evals = 2")  # 3 steps at batch 16: no more evals than steps
     for old, new in changes.items():
         text = text.replace(old, new)
     path = tmp_path / "sweep.toml"
@@ -157,8 +159,8 @@ def write_sweep(demo_dir: Path, tmp_path: Path, n_trials: int = 3, **changes) ->
 def test_worker_runs_enqueued_trials_first_and_writes_results_back(demo_dir, tmp_path):
     store = f"sqlite:///{tmp_path / 's.db'}"
     spec = load_spec(write_sweep(demo_dir, tmp_path))
-    study, _ = create_study(spec, store)
-    enqueue(study, store, [{"learning_rate": 1e-3, "batch_size": 16}])
+    study, _ = create_study(spec, opened := open_store(store, create=True))
+    enqueue(study, opened, [{"learning_rate": 1e-3, "batch_size": 16}])
 
     summary = run_worker(store, "demo", account="alice", checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
 
@@ -341,8 +343,8 @@ def test_a_worker_trains_each_trial_across_two_processes_as_one_would(demo_dir, 
     sweep = write_sweep(demo_dir, tmp_path, n_trials=1, **{"lora_dropout = 0.05": "lora_dropout = 0.0"})
     spec = load_spec(sweep)
     spec.gpus_per_trial = 2
-    study, _ = create_study(spec, store)
-    enqueue(study, store, [PARAMS])
+    study, _ = create_study(spec, opened := open_store(store, create=True))
+    enqueue(study, opened, [PARAMS])
     lines: list[str] = []
     run_worker(store, "demo", checkpoint_root=str(tmp_path / "ck"), log=lines.append)
 

@@ -64,7 +64,7 @@ def test_sqlite_without_a_file_is_a_user_error(url):
 
 def test_sqlite_relative_path_is_resolved_from_the_working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    storage = open_storage("sqlite:///rel.db")
+    storage = open_storage("sqlite:///rel.db", create=True)
     optuna.create_study(study_name="s", storage=storage)
     assert (tmp_path / "rel.db").is_file()
 
@@ -73,7 +73,7 @@ def test_sqlite_absolute_path_is_used_as_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     target = tmp_path / "elsewhere" / "abs.db"
     target.parent.mkdir()
-    optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{target}"))
+    optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{target}", create=True))
     assert target.is_file() and not (tmp_path / "abs.db").exists()
 
 
@@ -91,7 +91,7 @@ def test_journal_without_a_file_is_a_user_error(url):
 
 def test_journal_relative_path_is_resolved_from_the_working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    optuna.create_study(study_name="s", storage=open_storage("journal://rel.log"))
+    optuna.create_study(study_name="s", storage=open_storage("journal://rel.log", create=True))
     assert (tmp_path / "rel.log").is_file()
 
 
@@ -99,7 +99,7 @@ def test_journal_relative_path_is_resolved_from_the_working_folder(tmp_path, mon
 def test_missing_parent_folder_is_a_user_error_and_creates_nothing(tmp_path, kind):
     missing = tmp_path / "no" / "such"
     with pytest.raises(UserError) as caught:
-        open_storage(f"{kind}{missing / 'sweep.db'}")
+        open_storage(f"{kind}{missing / 'sweep.db'}", create=True)
     assert f"folder {missing} does not exist" in str(caught.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -128,6 +128,8 @@ def test_store_lock_is_a_usable_context_for_every_kind(store_url):
         ("postgresql://user:secret@host:5432/db", "postgresql://user:***@host:5432/db"),
         ("mysql+pymysql://root:s3cr:et@host/db", "mysql+pymysql://root:***@host/db"),
         ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+        ("postgresql://u:PLANTED@PW123@host/db", "postgresql://u:***@host/db"),  # an unencoded '@': up to the last
+        ("u:PLANTED@PW123@host/db", "u:***@host/db"),
         ("postgresql://user@host/db", "postgresql://user@host/db"),
         ("grpc://host:50051", "grpc://host:50051"),
         ("sqlite:////tmp/a:b@c.db", "sqlite:////tmp/a:b@c.db"),

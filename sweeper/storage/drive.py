@@ -8,7 +8,8 @@ machines (DESIGN.md), so no file here is ever written by two processes:
 - The storage is an in-memory view of the whole sweep: the process's own trials plus every other
   shard's, re-read when a shard's (mtime, size, inode) changes, at most every sync_s. A foreign trial
   keeps its origin ("<shard>#<number>", system attr ORIGIN), so it is counted once however often it is
-  read; trial numbers are each view's own. The sampler and the pruner see the whole sweep, late by
+  read; trial numbers are each view's own. A shard numbers each study's trials from 0, so an origin names a
+  trial within its study: the view keys what it tracks by (study, origin). The sampler and the pruner see the whole sweep, late by
   however long Drive takes.
 - Enqueued points (WAITING trials without a CLAIM attr) are claimed by running a trial whose CLAIM
   attr names the point (its origin; for a resume, "resume:" + the trial it continues, so that of
@@ -49,22 +50,21 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.pool import NullPool
 
-from sweeper.errors import SweeperError, UserError, first_line
-from sweeper.leases import RESUMES
-from sweeper.storage import Backend, register
+from sweeper.errors import SweeperError, UserError, env_number, first_line
+from sweeper.record import FINISHED, ORIGIN, RESULT, RESUMES
+from sweeper.storage.registry import Backend, register
 
-ORIGIN = "drive:origin"  # "<shard id>#<trial number in that shard>": where a trial's record lives
+# ORIGIN, on every trial in the view: "<shard id>#<trial number in that shard>", where its record lives
 CLAIM = "drive:claim"  # on a trial run for an enqueued point: the point's origin
 LOST = "drive:claim_lost"  # on a claim that lost to another worker's claim on the same point
 OVERRIDE = "drive:override:"  # + origin: a study system attr in the shard of a worker that took that trial over
 RESUME_KEY = "resume:"  # + origin: what every resume of a taken-over trial claims, so that one runs
-FINISHED_OK = (TrialState.COMPLETE, TrialState.PRUNED)
 
 log = logging.getLogger(__name__)
 
 
 def _seconds(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+    return env_number(name, default)
 
 
 def folder_of(url: str) -> Path:
@@ -105,6 +105,8 @@ class DriveStorage(InMemoryStorage):
         super().__init__()
         if not folder.parent.is_dir():
             raise UserError(f"folder {folder.parent} does not exist (is Drive mounted?)")
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"drive store {folder} is a file, not a folder")
         self.folder = folder
         self.sync_s = _seconds("SWEEPER_DRIVE_SYNC_S", 5) if sync_s is None else sync_s
         self.settle_s = _seconds("SWEEPER_DRIVE_SETTLE_S", 30) if settle_s is None else settle_s
@@ -115,14 +117,26 @@ class DriveStorage(InMemoryStorage):
         self._shard_study: dict[int, int] = {}  # view study id -> shard study id
         self._created_studies: set[int] = set()  # view study ids this process created
         self._own: dict[int, int] = {}  # view trial id -> shard trial id
-        self._origin: dict[str, int | None] = {}  # foreign origin -> view trial id (None: slot given away)
+        # (view study id, foreign origin) -> view trial id (None: slot given away). An origin is unique within a
+        # study only: a shard numbers each of its studies' trials from 0.
+        self._origin: dict[tuple[int, str], int | None] = {}
         self._seen: dict[str, tuple[int, int, int]] = {}  # shard file -> (mtime_ns, size, inode) last read
-        self._overrides: dict[str, dict[str, Any]] = {}  # origin -> another worker's takeover of it
-        self._my_overrides: dict[str, dict[str, Any]] = {}  # origin -> our takeover of it
+        self._overrides: dict[tuple[int, str], dict[str, Any]] = {}  # (study, origin) -> another's takeover of it
+        self._my_overrides: dict[tuple[int, str], dict[str, Any]] = {}  # (study, origin) -> our takeover of it
         self._synced_at = -float("inf")
         self._read_dir = tempfile.TemporaryDirectory(prefix="sweeper-shards-")
         self._readers: dict[str, RDBStorage] = {}  # shard file -> reader of our copy of it
         self.sync()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (pickled, handed to another process) is one more view of the folder, with a shard of its own made at
+        # its first write: no shard is ever written by two storages (each skips its own shard when it reads the
+        # folder, and ours lives in our temp folder, deleted with us).
+        return {"folder": self.folder, "sync_s": self.sync_s, "settle_s": self.settle_s, "lag_s": self.lag_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["folder"], state["sync_s"], state["settle_s"])
+        self.lag_s = state["lag_s"]
 
     # -- reading the other shards ---------------------------------------------------------------
 
@@ -149,7 +163,7 @@ class DriveStorage(InMemoryStorage):
                     view_study = self._view_study(study)
                     for trial in trials:
                         self._merge(view_study, f"{path.stem}#{trial.number}", trial)
-                    self._overrides.update({k[len(OVERRIDE):]: v for k, v in study.system_attrs.items()
+                    self._overrides.update({(view_study, k[len(OVERRIDE):]): v for k, v in study.system_attrs.items()
                                             if k.startswith(OVERRIDE)})
             self._apply_overrides()
 
@@ -184,44 +198,51 @@ class DriveStorage(InMemoryStorage):
         for key, value in study.user_attrs.items():
             if key not in known:  # a spec never changes on a drive store (set_study_user_attr)
                 super().set_study_user_attr(study_id, key, value)
+        known = super().get_study_system_attrs(study_id)  # (samplers keep state there); the first value seen stays
+        for key, value in study.system_attrs.items():
+            if key not in known and not key.startswith(OVERRIDE):  # overrides are applied to trials, not shown
+                super().set_study_system_attr(study_id, key, value)
         return study_id
 
     def _merge(self, study_id: int, origin: str, trial: FrozenTrial) -> None:
         """One foreign trial record into the view: new, changed, or a claim taking its point's slot."""
-        if origin in self._origin:
-            slot = self._origin[origin]
+        key = (study_id, origin)
+        if key in self._origin:
+            slot = self._origin[key]
             if slot is None:  # its slot went to a claim; the record matters again once it runs itself
                 if trial.state == TrialState.WAITING:
                     return
-                self._origin[origin] = self._add(study_id, origin, trial)
+                self._origin[key] = self._add(study_id, origin, trial)
             elif slot not in self._own:
                 seen = super().get_trial(slot).state
                 # A finished record never changes; but a takeover's FAIL gives way to the owner's own result.
-                if not seen.is_finished() or (seen == TrialState.FAIL and trial.state in FINISHED_OK):
+                if not seen.is_finished() or (seen == TrialState.FAIL and trial.state in FINISHED):
                     self._put(slot, origin, trial)
             return
         point = trial.system_attrs.get(CLAIM)
         slot = self._point_slot(study_id, point) if point else None
         if slot is not None:
-            self._origin[super().get_trial(slot).system_attrs[ORIGIN]] = None  # the first claim seen takes
-            self._origin[origin] = slot  # the point's place in the view
+            self._origin[study_id, super().get_trial(slot).system_attrs[ORIGIN]] = None  # the first claim seen takes
+            self._origin[key] = slot  # the point's place in the view
             self._own.pop(slot, None)  # our own point: it stays WAITING in our shard, like any point
             self._put(slot, origin, trial)
         elif trial.state == TrialState.WAITING and point is None and self._claimants(study_id, _point_key(trial, origin)):
-            self._origin[origin] = None  # a point whose claim we already see
+            self._origin[key] = None  # a point whose claim we already see
         else:
-            self._origin[origin] = self._add(study_id, origin, trial)
+            self._origin[key] = self._add(study_id, origin, trial)
 
     def _point_slot(self, study_id: int, key: str) -> int | None:
         """The view's slot of an unclaimed point that claims named `key` take."""
         return next((t._trial_id for t in super().get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
                      if CLAIM not in t.system_attrs and _point_key(t) == key), None)
 
-    def _slot_of(self, origin: str) -> int | None:
+    def _slot_of(self, study_id: int, origin: str) -> int | None:
+        """The view's slot of the trial `origin` names in this study."""
         if _shard_of(origin) != self.shard_id:
-            return self._origin.get(origin)
+            return self._origin.get((study_id, origin))
         for slot in self._own:  # (a loop: super() does not work inside a generator expression)
-            if super().get_trial(slot).system_attrs.get(ORIGIN) == origin:
+            if (self._trial_id_to_study_id_and_number[slot][0] == study_id
+                    and super().get_trial(slot).system_attrs.get(ORIGIN) == origin):
                 return slot
         return None
 
@@ -251,8 +272,8 @@ class DriveStorage(InMemoryStorage):
             return None
         study_id = self._trial_id_to_study_id_and_number[trial_id][0]
         if point.startswith(RESUME_KEY):  # the trial a resume continues finished after all: it wins
-            original = self._slot_of(point[len(RESUME_KEY):])
-            if original is not None and super().get_trial(original).state in FINISHED_OK:
+            original = self._slot_of(study_id, point[len(RESUME_KEY):])
+            if original is not None and super().get_trial(original).state in FINISHED:
                 return super().get_trial(original)
         claimants = self._claimants(study_id, point) or [trial]
         return min(claimants, key=lambda t: (not t.state.is_finished(), _shard_of(t.system_attrs[ORIGIN])))
@@ -288,7 +309,7 @@ class DriveStorage(InMemoryStorage):
             return False
         point_trial = super().get_trial(trial_id)
         study_id = self._trial_id_to_study_id_and_number[trial_id][0]
-        self._origin[point_trial.system_attrs[ORIGIN]] = None
+        self._origin[study_id, point_trial.system_attrs[ORIGIN]] = None
         claim = copy.copy(point_trial)
         claim.state, claim.datetime_start = TrialState.RUNNING, datetime.now()
         claim.system_attrs = {k: v for k, v in point_trial.system_attrs.items() if k != ORIGIN} | {CLAIM: point}
@@ -299,7 +320,7 @@ class DriveStorage(InMemoryStorage):
         time.sleep(self.settle_s)
         self.sync()
         if (reason := self.drop_lost_claim(trial_id)) is not None:
-            self.set_trial_user_attr(trial_id, "result", {"fail_reason": f"claim lost: {reason}"})  # as report.py reads
+            self.set_trial_user_attr(trial_id, RESULT, {"fail_reason": f"claim lost: {reason}"})
             self.set_trial_state_values(trial_id, TrialState.FAIL)
             return False
         return True
@@ -366,20 +387,20 @@ class DriveStorage(InMemoryStorage):
         shard as a study system attr that every view applies; the trial's worker, if alive, fails it in its own
         shard when it sees it. Should that worker finish the trial anyway, its result wins (_merge)."""
         origin = super().get_trial(trial_id).system_attrs.get(ORIGIN, "?")
-        record = self._my_overrides.setdefault(origin, {"user_attrs": {}, "fail": False})
+        study_id = self._trial_id_to_study_id_and_number[trial_id][0]
+        record = self._my_overrides.setdefault((study_id, origin), {"user_attrs": {}, "fail": False})
         if method == "set_trial_user_attr":
             record["user_attrs"][args[0]] = args[1]
         elif method == "set_trial_state_values" and args[0] == TrialState.FAIL:
             record["fail"] = True
         else:
             raise SweeperError(f"trial {origin} belongs to another worker's shard; only its worker writes it")
-        study_id = self._trial_id_to_study_id_and_number[trial_id][0]
         self._shard_storage().set_study_system_attr(self._shard_study_id(study_id), OVERRIDE + origin, record)
         self._publish()
 
     def _apply_overrides(self) -> None:
-        for origin, record in self._overrides.items():
-            slot = self._slot_of(origin)
+        for (study_id, origin), record in self._overrides.items():
+            slot = self._slot_of(study_id, origin)
             if slot is None or super().get_trial(slot).state != TrialState.RUNNING:
                 continue
             if slot in self._own:  # our trial was taken over (we stalled past the grace): fail it in our shard
@@ -405,11 +426,14 @@ class DriveStorage(InMemoryStorage):
             return study_id
 
     def delete_study(self, study_id: int) -> None:
+        with self._lock:
+            self._check_study_id(study_id)  # no such study: KeyError, as every Optuna storage
         raise UserError("a drive:// study cannot be deleted: its records live in every worker's shard; "
                         "use a new study name or folder")
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
         with self._lock:
+            self._check_study_id(study_id)  # no such study: KeyError, as every Optuna storage
             if study_id not in self._created_studies:
                 raise UserError("a drive:// study's spec cannot change once workers copied it; use a new study name")
             super().set_study_user_attr(study_id, key, value)
@@ -477,11 +501,6 @@ class DriveStorage(InMemoryStorage):
         return trials
 
 
-def drop_lost_claim(storage: Any, trial_id: int) -> str | None:
-    """For a drive store: why this trial must stop because another claim on its point wins; else None."""
-    return storage.drop_lost_claim(trial_id) if isinstance(storage, DriveStorage) else None
-
-
 def duplicate_claims(trials: list[FrozenTrial]) -> dict[int, int]:
     """Trial number -> the number of the claim it duplicates, for points that two finished claims ran."""
     winners: dict[str, FrozenTrial] = {}
@@ -500,5 +519,18 @@ def open_drive(url: str) -> DriveStorage:
     return DriveStorage(folder_of(url))
 
 
+def join(storage: DriveStorage, worker_id: str) -> None:
+    storage.shard_id = shard_name(worker_id)  # a worker's shard is named after it
+
+
+def lease_timing(storage: DriveStorage, heartbeat_s: float) -> tuple[float, float]:
+    return heartbeat_s, storage.lag_s  # a write shows in other workers' views up to lag_s late
+
+
+def trial_notes(trials: list[FrozenTrial]) -> dict[int, str]:
+    return {number: f"duplicate of #{first}" for number, first in duplicate_claims(trials).items()}
+
+
 register(Backend("drive", "drive:///content/drive/MyDrive/sweeps/NAME", "Colab workers sharing a Drive folder",
-                 open_drive))
+                 open_drive, lease_timing=lease_timing, join=join, claim_lost=DriveStorage.drop_lost_claim,
+                 trial_notes=trial_notes))

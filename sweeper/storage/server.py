@@ -8,7 +8,8 @@ point twice; the other server stores have none.
 from __future__ import annotations
 
 import contextlib
-import os
+import importlib.util
+import math
 import re
 import zlib
 from collections.abc import Iterator
@@ -16,8 +17,8 @@ from collections.abc import Iterator
 from optuna.storages import BaseStorage, GrpcStorageProxy, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalRedisBackend
 
-from sweeper.errors import SweeperError, UserError, first_line
-from sweeper.storage import Backend, redact, register
+from sweeper.errors import SweeperError, UserError, env_number, first_line
+from sweeper.storage.registry import Backend, redact, register
 
 DRIVERS = {"postgresql": "psycopg2-binary (pip install 'sweeper-qlora[postgres]')", "mysql": "PyMySQL",
            "redis": "redis"}
@@ -43,13 +44,36 @@ def _connect_args(url: str) -> dict[str, int]:
     default, and a host that drops packets then held a worker for minutes before saying anything."""
     if "connect_timeout=" in url:
         return {}
-    return {"connect_timeout": int(float(os.environ.get("SWEEPER_CONNECT_TIMEOUT_S", "30")))}
+    return {"connect_timeout": math.ceil(env_number("SWEEPER_CONNECT_TIMEOUT_S", 30, positive=True))}  # libpq: whole s
+
+
+def _check_rdb_url(url: str, engine_url: str) -> None:
+    """A URL SQLAlchemy cannot parse is bad input (exit 2), said before any driver sees it: a port that is no number,
+    or a password with an unencoded '@' (SQLAlchemy would take the rest of the password for the host, and the driver's
+    message would print it)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(engine_url)
+        parsed.port  # noqa: B018  parsed lazily on some versions
+    except ValueError:
+        port = re.search(r"@[^/@?]*:([^/?]*)", url)
+        what = f"port {port.group(1)!r} is not a number" if port else "it does not parse"
+        raise UserError(f"malformed store URL {redact(url)}: {what} "
+                        "(scheme://user:password@host:port/database)") from None
+    except Exception as e:  # noqa: BLE001  sqlalchemy.exc.ArgumentError and friends
+        raise UserError(f"malformed store URL {redact(url)}: {first_line(e).replace(url, redact(url))}") from None
+    if parsed.host and "@" in parsed.host:
+        raise UserError(f"malformed store URL {redact(url)}: its password holds an '@'; write it as %40 "
+                        "(percent-encoded), or the rest of the password is taken for the host")
 
 
 def open_rdb(url: str) -> BaseStorage:
     engine_url = _engine_url(url)
+    _check_rdb_url(url, engine_url)
+    connect_args = _connect_args(url)
     try:
-        return RDBStorage(engine_url, engine_kwargs={"pool_pre_ping": True, "connect_args": _connect_args(url)})
+        return RDBStorage(engine_url, engine_kwargs={"pool_pre_ping": True, "connect_args": connect_args})
     except ImportError:  # Optuna re-raises a missing DB driver as ImportError
         scheme = url.split(":", 1)[0].split("+")[0]
         raise UserError(f"the {scheme} driver is not installed; install {DRIVERS[scheme]}") from None
@@ -73,9 +97,10 @@ def postgres_lock(url: str) -> Iterator[None]:
     from sqlalchemy.pool import NullPool
 
     engine_url = _engine_url(url)
+    connect_args = _connect_args(url)
     try:
         engine = sqlalchemy.create_engine(engine_url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
-                                          connect_args=_connect_args(url))
+                                          connect_args=connect_args)
     except ImportError:
         raise UserError(f"the postgresql driver is not installed; install {DRIVERS['postgresql']}") from None
     conn = None
@@ -111,7 +136,17 @@ def open_grpc(url: str) -> BaseStorage:
         raise UserError("the grpc client is not installed; install optuna[grpc]") from None
 
 
-register(Backend("postgresql", "postgresql://user:pass@host/db", "a team's server", open_rdb, postgres_lock))
-register(Backend("mysql", "mysql://user:pass@host/db", "a team's server", open_rdb))
-register(Backend("redis", "redis://host:6379", "a team's server", open_redis))
-register(Backend("grpc", "grpc://host:port", "a team's server (optuna grpc proxy)", open_grpc))
+def _lacks(module: str, install: str):
+    """A registry `missing` hook: whether this install has the module, asked without importing it."""
+    def missing() -> str | None:
+        return None if importlib.util.find_spec(module) is not None else f"pip install {install}"
+    return missing
+
+
+register(Backend("postgresql", "postgresql://user:pass@host/db", "a team's server", open_rdb, postgres_lock,
+                 missing=_lacks("psycopg2", "'sweeper-qlora[postgres]'")))
+register(Backend("mysql", "mysql://user:pass@host/db", "a team's server", open_rdb,
+                 missing=_lacks("pymysql", "PyMySQL")))
+register(Backend("redis", "redis://host:6379", "a team's server", open_redis, missing=_lacks("redis", "redis")))
+register(Backend("grpc", "grpc://host:port", "a team's server (optuna grpc proxy)", open_grpc,
+                 missing=_lacks("grpc", "'optuna[grpc]'")))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -30,26 +31,30 @@ from optuna.trial import TrialState
 from synced_folder import SyncedFolders
 from test_cli import sweeper
 
-from sweeper.leases import LEASE, NOT_RETRIED, RESUMES, trial_key
-from sweeper.storage import open_storage
+from sweeper.leases import NOT_RETRIED, grace_s
+from sweeper.record import LEASE, RESUMES, TAKEOVER, trial_key, worker_of
+from sweeper.storage import open_store, open_storage
 from sweeper.storage.drive import duplicate_claims
 
 TESTS = Path(__file__).parents[1]
 WORKERS, KILLS, N_TRIALS = 3, 3, 12
 HEARTBEAT_S = 0.3
-ENV = {"FAST_TRAINER_STEP_S": "0.15", "FAST_TRAINER_STEPS": "8", "PYTHONUNBUFFERED": "1"}
+STEP_S, STEPS = 0.15, 8
+ENV = {"FAST_TRAINER_STEP_S": str(STEP_S), "FAST_TRAINER_STEPS": str(STEPS), "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture
 def gsheets_store(monkeypatch):
-    """A sheet on the fake Sheets server; the test injects 429s, 500s and timeouts into one request in ten."""
-    from sheets_server import FakeSheets
-    from test_gsheets import use, worker_env
+    """A sheet on the fake Sheets server, with Google's latency (tails included) scaled as in test_gsheets.py; the
+    test injects 429s, 500s, 408s and timeouts into one request in ten."""
+    from sheets_server import FakeSheets, google_latency
+    from test_gsheets import LATENCY_SCALE, use, worker_env
 
-    with FakeSheets(latency=(0.0, 0.005), fault_rate=0.0, faults=("500", "429", "timeout"), hang_s=0.4,
-                    read_quota=40, write_quota=40, quota_window_s=0.5, seed=3) as fake:
+    with FakeSheets(latency=google_latency(LATENCY_SCALE), fault_rate=0.0, faults=("500", "429", "408", "timeout"),
+                    hang_s=0.4, read_quota=40, write_quota=40, quota_window_s=0.5, seed=3) as fake:
         account = fake.add_service_account()
-        env = worker_env(fake, account, SWEEPER_GSHEETS_SETTLE_S="0.1", SWEEPER_GSHEETS_TIMEOUT_S="0.3",
+        env = worker_env(fake, account, SWEEPER_GSHEETS_SETTLE_S="0.1", SWEEPER_GSHEETS_SETTLE_MAX_S="0.2",
+                         SWEEPER_GSHEETS_TIMEOUT_S="0.3",
                          SWEEPER_GSHEETS_BACKOFF_S="0.05", SWEEPER_GSHEETS_BACKOFF_CAP_S="0.5",
                          SWEEPER_GSHEETS_SYNC_S="0.2", SWEEPER_GSHEETS_HEARTBEAT_S=str(HEARTBEAT_S))
         use(monkeypatch, env)
@@ -57,7 +62,7 @@ def gsheets_store(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite", "postgresql", "gsheets", "drive"])
-def test_killed_workers_lose_nothing_and_finish_the_budget(kind, tmp_path, spec_table, request, capsys):
+def test_killed_workers_lose_nothing_and_finish_the_budget(kind, tmp_path, spec_table, request, capsys, monkeypatch):
     env, fake, folders, heartbeat_s = dict(os.environ, **ENV), None, None, HEARTBEAT_S
     if kind == "journal":
         url = f"journal:///{tmp_path / 'sweep.log'}"
@@ -72,7 +77,10 @@ def test_killed_workers_lose_nothing_and_finish_the_budget(kind, tmp_path, spec_
         folders = SyncedFolders(tmp_path / "machines", ["laptop", *(f"w{i}" for i in range(WORKERS + KILLS))],
                                 max_delay_s=0.3, seed=11)
         url = f"drive://{folders.copies['laptop']}"
-        env.update(SWEEPER_DRIVE_SETTLE_S="0.2", SWEEPER_DRIVE_SYNC_S="0.1", SWEEPER_DRIVE_LAG_S="0.4")
+        drive_env = {"SWEEPER_DRIVE_SETTLE_S": "0.2", "SWEEPER_DRIVE_SYNC_S": "0.1", "SWEEPER_DRIVE_LAG_S": "0.4"}
+        env.update(drive_env)
+        for name, value in drive_env.items():  # this process too: it computes the workers' grace below
+            monkeypatch.setenv(name, value)
     spec_table.update(n_trials=N_TRIALS, heartbeat_s=heartbeat_s)
     spec_table["budget"]["evals"] = 4
     spec_file = tmp_path / "sweep.toml"
@@ -95,6 +103,7 @@ def test_killed_workers_lose_nothing_and_finish_the_budget(kind, tmp_path, spec_
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     procs = [start(i) for i in range(WORKERS)]
+    killed_at: dict[str, float] = {}  # account of a killed worker -> wall time of the kill
     kills, deadline = 0, time.monotonic() + 150
     while kills < KILLS and time.monotonic() < deadline:
         time.sleep(rng.uniform(1.0, 2.0))
@@ -103,6 +112,7 @@ def test_killed_workers_lose_nothing_and_finish_the_budget(kind, tmp_path, spec_
             break
         victim = rng.choice(alive)
         victim.send_signal(signal.SIGKILL)
+        killed_at[f"w{procs.index(victim)}"] = time.time()
         victim.wait()
         kills += 1
         procs.append(start(len(procs)))
@@ -159,7 +169,18 @@ def test_killed_workers_lose_nothing_and_finish_the_budget(kind, tmp_path, spec_
             reached = int(progress.read_text()) if progress.exists() else 0  # killed before its first step
             redone.append(reached - t.user_attrs["result"]["resumed_from_step"])
     assert all(0 <= r <= CHECKPOINT_EVERY for r in redone), redone
+    # Kill to takeover, by wall time on this machine: the taker records when it took the trial over.
+    # A trial killed before its first beat or its worker attr names no worker: it is left out of the figure.
+    owners = {t.number: (t.system_attrs.get(LEASE, {}).get("worker") or worker_of(t).get("id") or "?").split("/")[0]
+              for t in stale}
+    to_takeover = sorted(t.user_attrs[TAKEOVER]["at"] - killed_at[owners[t.number]] for t in stale
+                         if owners[t.number] in killed_at)
+    grace = grace_s(*open_store(url).lease_timing(heartbeat_s))
     with capsys.disabled():
+        if to_takeover:
+            print(f"\n[chaos {kind}] kill to takeover: median {statistics.median(to_takeover):.1f} s, max "
+                  f"{to_takeover[-1]:.1f} s; grace {grace:.1f} s, heartbeat {heartbeat_s} s, trial "
+                  f"{STEPS * STEP_S:.1f} s of training", end="")
         faults = f", faults injected {sum(fake.stats[f'fault_{k}'] for k in fake.faults)}" if fake else ""
         print(f"\n[chaos {kind}] kills {kills}, takeovers {len(stale)}, steps redone {sum(redone)} "
               f"(at most {CHECKPOINT_EVERY} each), surplus starts {surplus}, claims lost {lost}, duplicates "

@@ -49,6 +49,9 @@ def find_credentials() -> GoogleCredentials:
     if value:
         return service_account(value, f"environment variable {CREDENTIALS_ENV}")
     adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "").strip()
+    if adc and not os.path.isfile(Path(adc).expanduser()):  # a mistyped path is said, not skipped for the next place
+        raise UserError(f"GOOGLE_APPLICATION_CREDENTIALS names {adc}, and there is no file there: fix the path or "
+                        "unset it")
     if adc and _is_service_account_file(adc):
         return service_account(adc, "GOOGLE_APPLICATION_CREDENTIALS")
     login = _colab_login()
@@ -114,7 +117,7 @@ def _oauth_reason(error: Exception | str) -> str:
 
 def _is_service_account_file(path: str) -> bool:
     try:
-        return json.loads(Path(path).read_text()).get("type") == "service_account"
+        return json.loads(Path(path).expanduser().read_text()).get("type") == "service_account"
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -1,0 +1,47 @@
+"""What a trial record holds: the attr names every part of sweeper reads and writes, and how to read them.
+
+runner/worker.py writes two user attrs, one store write each: WORKER (id, account, platform, gpu) when a trial
+starts and RESULT (runner.train.TrialResult's fields, or fail_reason) when it ends. sweeper/leases.py writes the
+lease (a system attr) and, on a takeover, the resume attrs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+RESULT = "result"  # user attr: what the trial produced (eval loss aside), or {"fail_reason": ...}
+WORKER = "worker"  # user attr: who ran it: id, account, platform, gpu
+LEASE = "sweeper:lease"  # system attr: a running trial's heartbeat (sweeper/leases.py)
+RESUMES = "resumes"  # user attr: the key (trial_key) of the trial this one continues
+RESUME_FROM = "resume_from"  # user attr: the checkpoint folder to resume from
+STALE_REASON = "stale_reason"  # user attr on a trial failed by a takeover
+TAKEOVER = "takeover"  # user attr beside it: the taking worker ("by"), its wall time ("at"), the silence it saw
+ORIGIN = "sweeper:origin"  # system attr, on stores whose trial numbers are each view's own (drive): its name
+FIXED_PARAMS = "fixed_params"  # Optuna's system attr: an enqueued trial's params until it runs
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts against the budget
+
+
+def params_of(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's params, or for an enqueued trial not yet run, the params it will run with."""
+    return dict(trial.params or trial.system_attrs.get(FIXED_PARAMS, {}))
+
+
+def result_of(trial: FrozenTrial) -> dict[str, Any]:
+    value = trial.user_attrs.get(RESULT)
+    return value if isinstance(value, dict) else {}
+
+
+def worker_of(trial: FrozenTrial) -> dict[str, Any]:
+    value = trial.user_attrs.get(WORKER)
+    return value if isinstance(value, dict) else {}
+
+
+def fail_reason(trial: FrozenTrial) -> str:
+    return str(result_of(trial).get("fail_reason") or "")
+
+
+def trial_key(trial: FrozenTrial) -> int | str:
+    """A trial's name that every worker's view shares: its number, or where numbers are each view's own, its origin."""
+    return trial.system_attrs.get(ORIGIN, trial.number)
