@@ -84,7 +84,7 @@ def worker(url: str, env: dict[str, str], index: int, workers: int, trials: int,
     os.environ.update(env)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rng = random.Random(index)
-    store = open_store(url)
+    store = open_store(url, create=True)
     storage = store.storage
     study = optuna.load_study(study_name="bench", storage=storage,
                               sampler=optuna.samplers.TPESampler(seed=index, constant_liar=True, multivariate=True,
@@ -140,7 +140,7 @@ def requests_per_trial(args: argparse.Namespace, realistic: bool = True) -> dict
         url = f"gsheets://{fake.add_spreadsheet(editors=[account['client_email']])}"
         env = env_for(fake, account, scale, settle=realistic)
         os.environ.update(env)
-        optuna.create_study(study_name="bench", storage=open_storage(url))
+        optuna.create_study(study_name="bench", storage=open_storage(url, create=True))
         ctx = multiprocessing.get_context("fork")
         out = ctx.Queue()
         procs = [ctx.Process(target=worker, args=(url, env, i, args.workers, args.trials, TRIAL_S * scale, args.evals, out))
@@ -213,7 +213,7 @@ def open_big_study(args: argparse.Namespace) -> dict[str, Any]:
         account = fake.add_service_account()
         url = f"gsheets://{fake.add_spreadsheet(editors=[account['client_email']])}"
         os.environ.update(env_for(fake, account, 1.0))
-        open_storage(url)  # prepares the worksheets
+        open_storage(url, create=True)  # prepares the worksheets
         rows = [JOURNAL_HEADER] + [[f"bench:{i}", "1/1", json.dumps(log, separators=(",", ":")), ""]
                                    for i, log in enumerate(logs)]
         with fake.lock:
@@ -222,7 +222,7 @@ def open_big_study(args: argparse.Namespace) -> dict[str, Any]:
         fake.latency = google_latency(1.0)
         reads, tokens = fake.stats["reads"], fake.stats["tokens"]
         t0 = time.perf_counter()
-        storage = open_storage(url)
+        storage = open_storage(url, create=True)
         study = optuna.load_study(study_name="big", storage=storage)
         n = len(study.get_trials(deepcopy=False))
         seconds = time.perf_counter() - t0

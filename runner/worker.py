@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 from runner.platform import Platform, detect, require_gpu, shared_checkpoints
 from runner.progress import TrialBar, watched
 from sweeper.errors import StoreChanged, SweeperError, first_line
-from sweeper.leases import Heartbeat, Watcher, hand_over, record_worker_stop, superseded, take_over_stale
+from sweeper.leases import (Heartbeat, Watcher, grace_s, hand_over, record_worker_stop, superseded,
+                            take_over_stale)
 from sweeper.record import FINISHED, RESULT, RESUME_FROM, RESUMES, WORKER, result_of, trial_key, worker_of
 from sweeper.spec import SweepSpec
 from sweeper.storage import open_store
@@ -311,6 +312,8 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
                 store = open_store(url)
                 store.join(summary.worker_id)
                 optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
+                heartbeat_s, lag_s = store.lease_timing(spec.heartbeat_s)  # the spec may have changed too
+                watcher.grace_s = grace_s(heartbeat_s, lag_s)
                 if trial is not None:
                     held = optuna.trial.Trial(optuna_study, trial._trial_id)  # the same trial, on the reloaded store
                     if optuna_study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:

@@ -28,8 +28,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import UserError, first_line
-from sweeper.record import (FINISHED, LEASE, RESUME_FROM, RESUMES, STALE_REASON, TAKEOVER, fail_reason, params_of,
-                            result_of, trial_key)
+from sweeper.record import (FINISHED, LEASE, RESUME_FROM, RESUMES, STALE_REASON, TAKEOVER, fail_reason, lease_of,
+                            params_of, result_of, trial_key)
 
 WORKER_STOPPED = "worker_stopped:"  # study user attr per worker that gave up: who, where, why
 GRACE_BEATS = 3
@@ -64,7 +64,7 @@ def silence(seconds: float) -> str:
 
 def lease_note(trial: FrozenTrial, grace: float, now: float | None = None) -> str:
     """For the report: how old a running trial's lease is, by the writer's clock, and whether it is past the grace."""
-    at = trial.system_attrs.get(LEASE, {}).get("at")
+    at = lease_of(trial).get("at")
     if trial.state != TrialState.RUNNING or not isinstance(at, (int, float)):
         return ""
     age = max(0.0, (time.time() if now is None else now) - at)
@@ -101,7 +101,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             if not self._beat():
                 return
-            if self.watch is not None:
+            if self.watch is not None and not self._stop.is_set():  # stopping: the trial's tell must not wait
                 try:
                     self.watch()
                 except Exception as e:  # noqa: BLE001  watching is a courtesy to the others; the trial goes on
@@ -132,7 +132,7 @@ class Watcher:
                     continue
                 key = trial_key(t)
                 running.add(key)
-                beat = t.system_attrs.get(LEASE, {}).get("beat")
+                beat = lease_of(t).get("beat")
                 if key not in self._seen or self._seen[key][0] != beat:
                     self._seen[key] = (beat, now)
             self._seen = {k: v for k, v in self._seen.items() if k in running}
@@ -216,7 +216,7 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
             raise UserError(f"trial {', '.join(map(str, running))} has not finished; only finished trials are retried")
     done = []
     for t in chosen:
-        checkpoint = result_of(t).get("checkpoint") or t.system_attrs.get(LEASE, {}).get("checkpoint")
+        checkpoint = result_of(t).get("checkpoint") or lease_of(t).get("checkpoint")
         if t.state == TrialState.COMPLETE:
             checkpoint = None  # resuming a finished run would only repeat its end: run it afresh
         enqueue_resume(study, t, checkpoint)
@@ -229,7 +229,7 @@ def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], 
     `by`: the taking worker's id, recorded with the takeover's time and the silence it saw."""
     taken = 0
     for trial in watcher.stale(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
-        lease = trial.system_attrs.get(LEASE, {})
+        lease = lease_of(trial)
         silent = watcher.silent_s(trial)
         reason = f"stale: no heartbeat from worker {lease.get('worker', '?')} for {silence(silent)} (taken over)"
         # Its own keys, not RESULT: should the worker finish after all, its result must survive this write.

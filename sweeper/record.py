@@ -38,6 +38,11 @@ def worker_of(trial: FrozenTrial) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def lease_of(trial: FrozenTrial) -> dict[str, Any]:
+    value = trial.system_attrs.get(LEASE)
+    return value if isinstance(value, dict) else {}
+
+
 def fail_reason(trial: FrozenTrial) -> str:
     return str(result_of(trial).get("fail_reason") or "")
 

@@ -48,7 +48,7 @@ def trial_rows(study: optuna.Study, store: Store | None = None, grace_s: float |
     if grace_s is not None:
         for t in trials:
             if t.state == TrialState.RUNNING:
-                rows[t.number]["note"] = lease_note(t, grace_s)
+                rows[t.number]["note"] = "; ".join(filter(None, [rows[t.number]["note"], lease_note(t, grace_s)]))
     for number, note in (store.trial_notes(trials) if store else {}).items():
         rows[number]["note"] = note
     for number, chain in chains(trials).items():  # "resumes #12" / "resumed as #31"

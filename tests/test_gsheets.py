@@ -80,7 +80,7 @@ def sid_of(url: str) -> str:
 
 
 def test_ask_tell_enqueue_report_prune_and_a_second_reader_sees_it_all(sheet):
-    study = optuna.create_study(study_name="s", storage=open_storage(sheet),
+    study = optuna.create_study(study_name="s", storage=open_storage(sheet, create=True),
                                 pruner=optuna.pruners.ThresholdPruner(upper=0.5))
     study.enqueue_trial({"x": 0.25})
     for _ in range(4):
@@ -95,16 +95,16 @@ def test_ask_tell_enqueue_report_prune_and_a_second_reader_sees_it_all(sheet):
     assert mine[0][2] == {"x": 0.25} and mine[0][1] == TrialState.COMPLETE
     assert all(s == (TrialState.PRUNED if p["x"] > 0.5 else TrialState.COMPLETE) for _, s, p, _ in mine)
 
-    other = optuna.load_study(study_name="s", storage=open_storage(sheet))
+    other = optuna.load_study(study_name="s", storage=open_storage(sheet, create=True))
     assert [(t.number, t.state, t.params, t.intermediate_values) for t in other.trials] == mine
 
 
 def test_an_op_bigger_than_a_cell_is_split_and_joined(sheet, fake):
-    storage = open_storage(sheet)
+    storage = open_storage(sheet, create=True)
     study = optuna.create_study(storage=storage)
     big = "x" * (2 * CELL_CHARS + 10)
     study.set_user_attr("big", big)
-    assert optuna.load_study(study_name=study.study_name, storage=open_storage(sheet)).user_attrs["big"] == big
+    assert optuna.load_study(study_name=study.study_name, storage=open_storage(sheet, create=True)).user_attrs["big"] == big
     rows = fake.rows(sid_of(sheet), JOURNAL)
     assert [r[1] for r in rows if r[1].endswith("/3")] == ["1/3", "2/3", "3/3"]
     assert max(len(r[2]) for r in rows) <= CELL_CHARS
@@ -115,7 +115,7 @@ def test_an_op_bigger_than_a_cell_is_split_and_joined(sheet, fake):
 
 
 def test_reads_between_syncs_come_from_the_cache_and_never_miss_our_own_write(sheet, fake):
-    study = optuna.create_study(storage=open_storage(sheet))
+    study = optuna.create_study(storage=open_storage(sheet, create=True))
     before = fake.stats["reads"]
     for i in range(50):
         study.set_user_attr(f"k{i % 2}", i) if i % 25 == 0 else None
@@ -126,8 +126,8 @@ def test_reads_between_syncs_come_from_the_cache_and_never_miss_our_own_write(sh
 
 
 def test_another_workers_op_shows_up_after_the_sync_interval(sheet):
-    study_a = optuna.create_study(study_name="s", storage=open_storage(sheet))
-    study_b = optuna.load_study(study_name="s", storage=open_storage(sheet))
+    study_a = optuna.create_study(study_name="s", storage=open_storage(sheet, create=True))
+    study_b = optuna.load_study(study_name="s", storage=open_storage(sheet, create=True))
     study_a.set_user_attr("from", "a")
     deadline = time.monotonic() + 5
     while study_b.user_attrs.get("from") != "a":
@@ -137,13 +137,13 @@ def test_another_workers_op_shows_up_after_the_sync_interval(sheet):
 
 def test_a_study_of_many_trials_opens_with_one_read_of_the_journal(sheet, fake, monkeypatch):
     monkeypatch.setenv("SWEEPER_GSHEETS_SETTLE_S", "0")  # a quick writer; the reader below settles as usual
-    study = optuna.create_study(study_name="s", storage=open_storage(sheet))
+    study = optuna.create_study(study_name="s", storage=open_storage(sheet, create=True))
     study.add_trials([optuna.trial.create_trial(params={"x": i / 100}, distributions={
         "x": optuna.distributions.FloatDistribution(0, 1)}, value=i) for i in range(100)])
     monkeypatch.setenv("SWEEPER_GSHEETS_SETTLE_S", FAST["SWEEPER_GSHEETS_SETTLE_S"])
     monkeypatch.setenv("SWEEPER_GSHEETS_SETTLE_MAX_S", "1")  # however far the settle time may grow
     reads, rows = fake.stats["reads"], fake.stats["writes"]
-    loaded = optuna.load_study(study_name="s", storage=open_storage(sheet))
+    loaded = optuna.load_study(study_name="s", storage=open_storage(sheet, create=True))
     assert len(loaded.trials) == 100
     # One read of the whole journal, one of its tail to confirm nothing landed late; no writes.
     assert fake.stats["reads"] - reads == 2 and fake.stats["writes"] == rows
@@ -154,7 +154,7 @@ def test_a_study_of_many_trials_opens_with_one_read_of_the_journal(sheet, fake, 
 
 
 def test_an_append_whose_answer_was_lost_after_landing_is_found_and_not_appended_again(sheet, fake):
-    storage = open_storage(sheet)
+    storage = open_storage(sheet, create=True)
     study = optuna.create_study(storage=storage)
     fake.inject("drop", ":append")  # applied; the connection closes before the answer (as after a timeout)
     study.set_user_attr("k", "v")
@@ -165,7 +165,7 @@ def test_an_append_whose_answer_was_lost_after_landing_is_found_and_not_appended
 
 
 def test_an_append_lost_to_a_server_error_is_appended_again(sheet, fake):
-    storage = open_storage(sheet)
+    storage = open_storage(sheet, create=True)
     study = optuna.create_study(storage=storage)
     fake.inject("500", ":append")  # the fake answers 500 before writing anything
     study.set_user_attr("k", "v")
@@ -174,19 +174,19 @@ def test_an_append_lost_to_a_server_error_is_appended_again(sheet, fake):
 
 
 def test_a_repeated_op_id_is_dropped_first_copy_wins(sheet, fake):
-    study = optuna.create_study(storage=open_storage(sheet))
+    study = optuna.create_study(storage=open_storage(sheet, create=True))
     study.set_user_attr("k", "first")
     rows = fake.rows(sid_of(sheet), JOURNAL)
     copy = list(rows[-1])
     copy[2] = copy[2].replace('"first"', '"second"')
     fake.set_row(sid_of(sheet), JOURNAL, len(rows) + 1, copy)  # a retried append that landed twice
-    reader = open_storage(sheet)
+    reader = open_storage(sheet, create=True)
     assert optuna.load_study(study_name=study.study_name, storage=reader).user_attrs == {"k": "first"}
     assert backend_of(reader).stats["duplicates_dropped"] == 1
 
 
 def test_a_408_is_retried_and_an_append_that_got_one_is_verified_by_reading(sheet, fake):
-    storage = open_storage(sheet)
+    storage = open_storage(sheet, create=True)
     study = optuna.create_study(storage=storage)
     fake.inject("408", ":append")  # Google's front end: an HTML page, the append may or may not have landed
     fake.inject("408", "/values/journal")  # and a read
@@ -206,7 +206,7 @@ def test_429s_and_500s_are_retried_within_bounds(fake, account, monkeypatch):
         use(monkeypatch, worker_env(flaky, acct, SWEEPER_GSHEETS_TIMEOUT_S="60", SWEEPER_GSHEETS_SYNC_S="3600",
                                     SWEEPER_GSHEETS_SETTLE_S="0"))
         url = f"gsheets://{flaky.add_spreadsheet(editors=[acct['client_email']])}"
-        study = optuna.create_study(storage=open_storage(url))
+        study = optuna.create_study(storage=open_storage(url, create=True))
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=4)
         assert len(study.trials) == 4
         assert flaky.stats["429_quota"] > 0 and flaky.stats["fault_500"] > 0 and flaky.stats["fault_429"] > 0
@@ -217,7 +217,7 @@ def test_retries_are_bounded_and_end_in_one_line(fake, account, monkeypatch):
         acct = down.add_service_account()
         use(monkeypatch, worker_env(down, acct, SWEEPER_GSHEETS_ATTEMPTS="3"))
         with pytest.raises(SheetsUnavailable) as caught:
-            open_storage(f"gsheets://{down.add_spreadsheet(editors=[acct['client_email']])}")
+            open_storage(f"gsheets://{down.add_spreadsheet(editors=[acct['client_email']])}", create=True)
         assert "after 3 attempts (last: HTTP 500)" in str(caught.value) and "\n" not in str(caught.value)
         assert down.stats["reads"] == 3
 
@@ -253,23 +253,23 @@ def _in_threads(*calls):
 
 def test_two_appends_landing_on_the_same_row_both_survive_in_one_order_for_every_reader(racy):
     fake, url = racy
-    optuna.create_study(study_name="s", storage=open_storage(url))
-    a, b = (optuna.load_study(study_name="s", storage=open_storage(url)) for _ in range(2))
+    optuna.create_study(study_name="s", storage=open_storage(url, create=True))
+    a, b = (optuna.load_study(study_name="s", storage=open_storage(url, create=True)) for _ in range(2))
     asked: list[optuna.Trial] = []
     with fake.race(2):  # b's create lands on a's row, pushing a's down
         _in_threads(lambda: asked.append(a.ask()), lambda: asked.append(b.ask()))
     assert fake.stats["racy_reorders"] == 1 and sorted(t.number for t in asked) == [0, 1]
     time.sleep(0.35)  # past sync_s: each has seen the other's trial
     seen = [[(t.number, t.datetime_start) for t in s.get_trials()] for s in (a, b)]
-    fresh = optuna.load_study(study_name="s", storage=open_storage(url))
+    fresh = optuna.load_study(study_name="s", storage=open_storage(url, create=True))
     assert len(seen[0]) == 2 and seen[0] == seen[1] == [(t.number, t.datetime_start) for t in fresh.trials]
 
 
 def test_two_workers_never_run_the_same_enqueued_trial(racy):
     fake, url = racy
-    study = optuna.create_study(study_name="s", storage=open_storage(url))
+    study = optuna.create_study(study_name="s", storage=open_storage(url, create=True))
     study.enqueue_trial({"x": 0.5})
-    workers = [optuna.load_study(study_name="s", storage=open_storage(url)) for _ in range(2)]
+    workers = [optuna.load_study(study_name="s", storage=open_storage(url, create=True)) for _ in range(2)]
     got: list[tuple[optuna.Study, optuna.Trial]] = []
     with fake.race(2):  # both claims of the waiting trial land on the same row
         _in_threads(*(lambda w=w: got.append((w, w.ask({"x": optuna.distributions.FloatDistribution(0, 1)})))
@@ -278,14 +278,14 @@ def test_two_workers_never_run_the_same_enqueued_trial(racy):
     assert sorted((t.number, t.params["x"] == 0.5) for _, t in got) == [(0, True), (1, False)]
     for w, t in got:
         w.tell(t, 1.0)
-    fresh = optuna.load_study(study_name="s", storage=open_storage(url))
+    fresh = optuna.load_study(study_name="s", storage=open_storage(url, create=True))
     assert [t.state for t in fresh.trials] == [TrialState.COMPLETE] * 2
 
 
 def test_a_replayed_row_that_changes_fails_loudly_and_blocks_writes(racy, monkeypatch):
     fake, url = racy
     monkeypatch.setenv("SWEEPER_GSHEETS_SETTLE_S", "0")  # trust every append: only the prefix check is left
-    storage = open_storage(url)
+    storage = open_storage(url, create=True)
     study = optuna.create_study(study_name="s", storage=storage)
     study.set_user_attr("a", 1)
     rows = fake.rows(sid_of(url), JOURNAL)
@@ -303,7 +303,7 @@ def test_a_replayed_row_that_changes_fails_loudly_and_blocks_writes(racy, monkey
 
 @pytest.mark.parametrize("other_trial, fails", [(1, False), (0, True)])
 def test_an_op_on_our_trial_replayed_ahead_must_commute_with_what_settles_before_it(sheet, fake, other_trial, fails):
-    study = optuna.create_study(study_name="s", storage=open_storage(sheet))
+    study = optuna.create_study(study_name="s", storage=open_storage(sheet, create=True))
     trial = study.ask()
     study.enqueue_trial({})  # trial 1, someone else's
     # Another worker's op lands, then ours; ours is replayed as soon as Sheets answers, before theirs settles.
@@ -321,19 +321,19 @@ def test_an_op_on_our_trial_replayed_ahead_must_commute_with_what_settles_before
 
 
 def test_a_row_edited_by_hand_stops_the_reader_naming_the_row(sheet, fake):
-    study = optuna.create_study(study_name="s", storage=open_storage(sheet))
+    study = optuna.create_study(study_name="s", storage=open_storage(sheet, create=True))
     study.set_user_attr("a", 1)
     fake.set_row(sid_of(sheet), JOURNAL, 3, ["x:1", "1/1", "{not json"])
     with pytest.raises(SweeperError, match=r"journal row 3 of spreadsheet .* does not parse .*Version history"):
-        open_storage(sheet)
+        open_storage(sheet, create=True)
 
 
 def test_a_deleted_header_row_is_refused_rather_than_shifting_every_op(sheet, fake):
-    optuna.create_study(study_name="s", storage=open_storage(sheet))
+    optuna.create_study(study_name="s", storage=open_storage(sheet, create=True))
     with fake.lock:
         del fake.spreadsheets[sid_of(sheet)]["sheets"][JOURNAL].rows[0]
     with pytest.raises(SweeperError, match=r"journal row 1 of spreadsheet .* \(it must be the header: op id \| chunk"):
-        open_storage(sheet)
+        open_storage(sheet, create=True)
 
 
 def test_sweeper_init_prepares_the_sheet_and_a_worker_reads_the_spec_back(sheet, fake, spec_toml):
@@ -346,10 +346,21 @@ def test_sweeper_init_prepares_the_sheet_and_a_worker_reads_the_spec_back(sheet,
     sheets = fake.spreadsheets[sid_of(sheet)]["sheets"]
     assert {"journal", "trials", "workers"} <= set(sheets)
     assert fake.rows(sid_of(sheet), "workers")[0][0] == "worker"
-    store = open_store(sheet)
+    store = open_store(sheet, create=True)
     study, loaded = load_study(store, "demo", worker_seed=1)
     assert loaded == spec
     assert len(enqueue(study, store, grid_points(spec))) == 8 and len(enqueue(study, store, grid_points(spec))) == 0
+
+
+def test_reading_commands_on_a_sheet_never_prepared_say_so_and_add_no_worksheet(sheet, fake, tmp_path):
+    from test_cli import one_error_line, sweeper
+
+    before = set(fake.spreadsheets[sid_of(sheet)]["sheets"])
+    for args in (["report"], ["best"], ["enqueue", "--point", "learning_rate=1e-4"], ["worker", "--allow-cpu"]):
+        result = sweeper(*args, "--store", sheet, "--study", "demo")
+        assert result.exit_code == 2, result.output
+        assert f"holds no sweeper journal: run sweeper init --store {sheet} first" in one_error_line(result)
+    assert set(fake.spreadsheets[sid_of(sheet)]["sheets"]) == before  # nothing written: init prepares a sheet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,24 +424,24 @@ def test_unusable_credentials_are_a_user_error_that_never_echoes_the_key(text, s
 def test_a_sheet_not_shared_with_the_account_says_whom_to_share_it_with(fake, account, monkeypatch):
     use(monkeypatch, worker_env(fake, account))
     with pytest.raises(UserError) as caught:
-        open_storage(f"gsheets://{fake.add_spreadsheet(editors=[])}")
+        open_storage(f"gsheets://{fake.add_spreadsheet(editors=[])}", create=True)
     assert f"share the sheet with {account['client_email']} as Editor" in str(caught.value)
 
 
 def test_a_wrong_spreadsheet_id_is_a_user_error(fake, account, monkeypatch):
     use(monkeypatch, worker_env(fake, account))
     with pytest.raises(UserError, match="spreadsheet 'nosuchsheet' not found: check the ID"):
-        open_storage("gsheets://nosuchsheet")
+        open_storage("gsheets://nosuchsheet", create=True)
 
 
 def test_revoked_credentials_are_one_line_without_key_or_token(fake, monkeypatch):
     acct = fake.add_service_account()
     use(monkeypatch, worker_env(fake, acct))
     url = f"gsheets://{fake.add_spreadsheet(editors=[acct['client_email']])}"
-    storage = open_storage(url)
+    storage = open_storage(url, create=True)
     fake.revoke(acct["client_email"])
     with pytest.raises(UserError) as caught:
-        open_storage(url)
+        open_storage(url, create=True)
     message = str(caught.value)
     assert "refused the credentials" in message and "revoked" in message and "\n" not in message
     key_line = acct["private_key"].splitlines()[1]
@@ -455,11 +466,11 @@ def test_the_url_takes_an_id_or_the_sheets_address(url, sid):
 
 def test_a_url_without_an_id_is_a_user_error():
     with pytest.raises(UserError, match="gsheets store needs a spreadsheet ID"):
-        open_storage("gsheets://")
+        open_storage("gsheets://", create=True)
 
 
 def test_the_backend_pickles_without_credentials_and_reconnects(sheet):
-    storage = open_storage(sheet)
+    storage = open_storage(sheet, create=True)
     optuna.create_study(study_name="s", storage=storage)
     state = pickle.dumps(backend_of(storage))
     assert b"PRIVATE KEY" not in state
@@ -488,7 +499,7 @@ def views_on(store, clock: Clock) -> None:
 
 def test_views_mirror_trials_and_workers_and_come_back_when_deleted(sheet, fake, tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPER_GSHEETS_VIEWS_S", "60")
-    store, clock = open_store(sheet), Clock()
+    store, clock = open_store(sheet, create=True), Clock()
     views_on(store, clock)
     study = optuna.create_study(study_name="s", storage=store.storage)
     trial = study.ask()
@@ -513,13 +524,13 @@ def test_views_mirror_trials_and_workers_and_come_back_when_deleted(sheet, fake,
     assert fake.rows(sid, "trials")[1][:4] == [0, "COMPLETE", trial.params["lr"], 0.3]
 
     optuna.create_study(storage=f"sqlite:///{tmp_path / 'x.db'}")  # a store that keeps no views
-    other_store = open_store(f"sqlite:///{tmp_path / 'x.db'}")
+    other_store = open_store(f"sqlite:///{tmp_path / 'x.db'}", create=True)
     assert other_store.update_views(optuna.create_study(storage=other_store.storage), info) == 0
 
 
 def test_the_trials_view_grows_its_grid_and_a_refused_write_is_not_resent_at_every_update(sheet, fake, monkeypatch):
     monkeypatch.setenv("SWEEPER_GSHEETS_VIEWS_S", "60")
-    store, clock = open_store(sheet), Clock()
+    store, clock = open_store(sheet, create=True), Clock()
     views_on(store, clock)
     study = optuna.create_study(study_name="s", storage=store.storage)
     names = [f"p{i:02d}" for i in range(21)]  # 27 columns: past Google's 26 as well as the 6 the view is made with
@@ -549,7 +560,7 @@ def test_the_trials_view_grows_its_grid_and_a_refused_write_is_not_resent_at_eve
 
 def test_a_cell_to_clear_is_sent_as_empty_text_since_google_skips_nulls(sheet, fake, monkeypatch):
     monkeypatch.setenv("SWEEPER_GSHEETS_VIEWS_S", "60")
-    store, clock = open_store(sheet), Clock()
+    store, clock = open_store(sheet, create=True), Clock()
     views_on(store, clock)
     backend, sid = backend_of(store.storage), sid_of(sheet)
     # The fake does what Google does with a null: nothing.
@@ -571,7 +582,7 @@ def test_a_cell_to_clear_is_sent_as_empty_text_since_google_skips_nulls(sheet, f
 
 
 def test_an_infinite_or_nan_value_is_written_as_text_and_an_unsendable_request_is_never_retried(sheet, fake):
-    store = open_store(sheet)
+    store = open_store(sheet, create=True)
     study = optuna.create_study(study_name="s", storage=store.storage)
     trial = study.ask()
     trial.set_user_attr("result", {"wall_time_s": math.nan})
@@ -600,7 +611,7 @@ def test_the_journal_and_views_are_made_only_as_wide_as_what_they_hold(fake, acc
         acct = small.add_service_account()
         use(monkeypatch, worker_env(small, acct, SWEEPER_GSHEETS_CELL_LIMIT="40000"))
         sid = small.add_spreadsheet(editors=[acct["client_email"]])
-        study = optuna.create_study(study_name="s", storage=open_storage(f"gsheets://{sid}"))
+        study = optuna.create_study(study_name="s", storage=open_storage(f"gsheets://{sid}", create=True))
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
         rows = len(small.rows(sid, JOURNAL))
         assert small.grid(sid, JOURNAL) == (rows, JOURNAL_COLUMNS)  # 4 cells a row, not 26
@@ -615,7 +626,7 @@ def test_the_worker_says_how_much_room_is_left_then_fails_in_one_line_when_the_s
         use(monkeypatch, worker_env(small, acct, SWEEPER_GSHEETS_CELL_LIMIT=str(limit), SWEEPER_GSHEETS_SETTLE_S="0"))
         sid = small.add_spreadsheet(editors=[acct["client_email"]])
         small.delete_sheet(sid, "Sheet1")  # Google's first worksheet would be most of so small a limit
-        storage = open_storage(f"gsheets://{sid}")
+        storage = open_storage(f"gsheets://{sid}", create=True)
         study = optuna.create_study(study_name="s", storage=storage)
         dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
         with caplog.at_level(logging.WARNING, logger="sweeper.storage.gsheets.journal"), \
@@ -628,7 +639,7 @@ def test_the_worker_says_how_much_room_is_left_then_fails_in_one_line_when_the_s
         message = str(full.value)
         assert f"spreadsheet {sid!r} is full: Google Sheets holds {limit:,} cells" in message and "\n" not in message
         assert small.cells(sid) <= limit
-        assert len(optuna.load_study(study_name="s", storage=open_storage(f"gsheets://{sid}")).trials) == i
+        assert len(optuna.load_study(study_name="s", storage=open_storage(f"gsheets://{sid}", create=True)).trials) == i
 
 
 def test_a_journal_made_26_columns_wide_by_an_older_version_is_narrowed_and_keeps_every_op(monkeypatch):
@@ -642,13 +653,13 @@ def test_a_journal_made_26_columns_wide_by_an_older_version_is_narrowed_and_keep
                               ("trials", ["trial"]), ("workers", ["worker"])):
             small.add_sheet(sid, title, rows=1, cols=26)  # as they were made before: Google's 26 columns
             small.set_row(sid, title, 1, header)
-        study = optuna.create_study(study_name="s", storage=open_storage(f"gsheets://{sid}"))
+        study = optuna.create_study(study_name="s", storage=open_storage(f"gsheets://{sid}", create=True))
         dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
         for i in range(60):
             study.add_trial(optuna.trial.create_trial(params={"x": i / 1000}, distributions=dist, value=i))
         assert small.grid(sid, JOURNAL)[1] == JOURNAL_COLUMNS
         assert backend_of(study._storage).stats["journal_narrowed"] == 1
-        fresh = optuna.load_study(study_name="s", storage=open_storage(f"gsheets://{sid}"))
+        fresh = optuna.load_study(study_name="s", storage=open_storage(f"gsheets://{sid}", create=True))
         assert [t.value for t in fresh.trials] == list(range(60))
 
 
@@ -666,8 +677,8 @@ def test_latency_tails_far_above_settle_s_make_workers_wait_longer_never_see_the
         use(monkeypatch, worker_env(racy, acct, SWEEPER_GSHEETS_SETTLE_S=str(settle_s),
                                     SWEEPER_GSHEETS_SETTLE_MAX_S="0.5", SWEEPER_GSHEETS_SYNC_S="0.05"))
         url = f"gsheets://{racy.add_spreadsheet(editors=[acct['client_email']])}"
-        optuna.create_study(study_name="s", storage=open_storage(url))
-        workers = [optuna.load_study(study_name="s", storage=open_storage(url)) for _ in range(4)]
+        optuna.create_study(study_name="s", storage=open_storage(url, create=True))
+        workers = [optuna.load_study(study_name="s", storage=open_storage(url, create=True)) for _ in range(4)]
 
         def work(study: optuna.Study) -> None:
             for _ in range(4):
@@ -677,9 +688,10 @@ def test_latency_tails_far_above_settle_s_make_workers_wait_longer_never_see_the
 
         _in_threads(*(lambda w=w: work(w) for w in workers))
         assert racy.max_land_s > 5 * settle_s  # appends landed far later than settle_s
-        assert racy.stats["racy_reorders"] > 0  # and raced
+        # (whether two appends raced here depends on the threads' timing, so it is not asserted: the contract suite
+        # forces the race with racy.race)
         assert all(backend_of(w._storage).settle_s() > 5 * settle_s for w in workers)  # each worker waited longer
-        fresh = optuna.load_study(study_name="s", storage=open_storage(url))
+        fresh = optuna.load_study(study_name="s", storage=open_storage(url, create=True))
         assert [t.number for t in fresh.trials] == list(range(16))
         assert all(t.state == TrialState.COMPLETE for t in fresh.trials)
 
@@ -697,7 +709,7 @@ def run_worker(url: str, env: dict[str, str], seed: int, out) -> None:
 
     os.environ.update(env)
     try:
-        storage = open_storage(url)
+        storage = open_storage(url, create=True)
         study = optuna.load_study(study_name="race", storage=storage)
         done = []
         for _ in range(N_TRIALS):
@@ -731,7 +743,7 @@ def test_eight_workers_times_five_trials_under_faults_lose_and_repeat_nothing(mo
         fake.fault_rate = 0.0  # set-up runs clean
         with pytest.MonkeyPatch.context() as mp:
             use(mp, envs[0])
-            study = optuna.create_study(study_name="race", storage=open_storage(url))
+            study = optuna.create_study(study_name="race", storage=open_storage(url, create=True))
             for i in range(N_ENQUEUED):
                 study.enqueue_trial({"x": i / 10})
         fake.fault_rate = 0.1
@@ -748,7 +760,7 @@ def test_eight_workers_times_five_trials_under_faults_lose_and_repeat_nothing(mo
         fake.wait_idle()  # late appends still landing
         with pytest.MonkeyPatch.context() as mp:
             use(mp, envs[0])
-            reader = open_storage(url)
+            reader = open_storage(url, create=True)
             trials = optuna.load_study(study_name="race", storage=reader).trials
         ids = [(r[0], r[1]) for r in fake.rows(sid_of(url), JOURNAL)[1:]]
         duplicate_rows = len(ids) - len(set(ids))

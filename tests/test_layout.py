@@ -22,9 +22,7 @@ def _imports(path: Path, module: str, modules: dict[str, Path]) -> set[str]:
     sub` imports the module pkg.sub (and pkg's __init__ only where a name is not a module)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            node.body = []
+    for node in _nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -34,6 +32,16 @@ def _imports(path: Path, module: str, modules: dict[str, Path]) -> set[str]:
             for a in node.names:
                 names.add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
     return names
+
+
+def _nodes(tree: ast.AST):
+    """Every node, leaving out the bodies of `if TYPE_CHECKING:` (imports for annotations only)."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            yield from (n for orelse in child.orelse for n in [orelse, *_nodes(orelse)])
+            continue
+        yield child
+        yield from _nodes(child)
 
 
 def _graph() -> dict[str, set[str]]:

@@ -175,8 +175,8 @@ def _postgres_emptied(url: str) -> str:
 def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Case:
     """A fresh store of the kind, made as `sweeper init` makes one; every test then opens it as a worker does."""
     case = _new_store(request.param, request, tmp_path, monkeypatch)
-    if case.store in ("journal", "drive"):  # sqlite is a copy of a made store, postgresql emptied; a sheet makes itself
-        open_storage(case.url, create=True)
+    if case.store in ("journal", "drive") or case.store.startswith("gsheets"):  # sqlite is a copy of a made store,
+        open_storage(case.url, create=True)  # postgresql emptied
     return case
 
 

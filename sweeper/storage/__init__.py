@@ -1,6 +1,6 @@
 """Stores: a URL to an Optuna storage, through the registry (registry.py); one module or package per backend.
 
-Everything outside this package imports from here only: open_store, open_storage, store_lock, redact.
+Everything outside this package imports from here only (open_store, Store, store_lock, redact, ...), never a backend.
 """
 
 from sweeper.storage.registry import (BACKENDS, Backend, Store, gc_paused, open_store, open_storage, redact,  # noqa: F401

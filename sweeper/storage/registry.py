@@ -12,7 +12,7 @@ import contextlib
 import gc
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ContextManager
 
 from optuna.storages import BaseStorage
@@ -34,7 +34,7 @@ class Backend:
     """A cross-process lock for read-check-write sequences (enqueue), where the store offers one."""
     open_existing: Callable[[str], BaseStorage] | None = None
     """Opens only a store that is already there, for every command but init: a mistyped path is one line, never a
-    new empty store. None: `open` never creates a store (a server, a sheet)."""
+    new empty store. None: `open` never creates a store (a server)."""
     missing: Callable[[], str | None] | None = None
     """What this install lacks to open such a store ('pip install ...'), checked without importing it; None: nothing."""
     lease_timing: Callable[[BaseStorage, float], tuple[float, float]] | None = None
@@ -74,7 +74,7 @@ def _backend(url: str) -> Backend:
 class Store:
     """An opened store: its URL, its Optuna storage and its backend's hooks."""
 
-    url: str
+    url: str = field(repr=False)  # may hold a password
     storage: BaseStorage
     backend: Backend
 

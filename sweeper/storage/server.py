@@ -53,19 +53,20 @@ def _check_rdb_url(url: str, engine_url: str) -> None:
     message would print it)."""
     from sqlalchemy.engine import make_url
 
+    userinfo = url.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[0]  # user:password, up to the last '@'
+    if "@" in userinfo:
+        raise UserError(f"malformed store URL {redact(url)}: its password holds an '@'; write it as %40 "
+                        "(percent-encoded), or the rest of the password is taken for the host")
     try:
         parsed = make_url(engine_url)
         parsed.port  # noqa: B018  parsed lazily on some versions
     except ValueError:
-        port = re.search(r"@[^/@?]*:([^/?]*)", url)
+        port = re.search(r"^[^@/]*:([^/?]*)", url.split("://", 1)[-1].rpartition("@")[2])
         what = f"port {port.group(1)!r} is not a number" if port else "it does not parse"
         raise UserError(f"malformed store URL {redact(url)}: {what} "
                         "(scheme://user:password@host:port/database)") from None
     except Exception as e:  # noqa: BLE001  sqlalchemy.exc.ArgumentError and friends
         raise UserError(f"malformed store URL {redact(url)}: {first_line(e).replace(url, redact(url))}") from None
-    if parsed.host and "@" in parsed.host:
-        raise UserError(f"malformed store URL {redact(url)}: its password holds an '@'; write it as %40 "
-                        "(percent-encoded), or the rest of the password is taken for the host")
 
 
 def open_rdb(url: str) -> BaseStorage:

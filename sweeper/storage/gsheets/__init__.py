@@ -34,6 +34,11 @@ def open_gsheets(url: str) -> JournalStorage:
     return JournalStorage(SheetJournalBackend(spreadsheet_id(url)))
 
 
+def open_existing_gsheets(url: str) -> JournalStorage:
+    """The study store in a spreadsheet that `sweeper init` prepared; UserError for a sheet without a journal."""
+    return JournalStorage(SheetJournalBackend(spreadsheet_id(url), create=False))
+
+
 def backend_of(storage: Any) -> SheetJournalBackend | None:
     backend = getattr(storage, "_backend", None)  # JournalStorage keeps its backend here
     return backend if isinstance(backend, SheetJournalBackend) else None
@@ -64,4 +69,4 @@ def update_views(storage: JournalStorage, study: Any, worker_info: Mapping[str, 
 
 
 register(Backend("gsheets", "gsheets://SPREADSHEET_ID", "many workers, many accounts, Colab and Kaggle",
-                 open_gsheets, lease_timing=lease_timing, update_views=update_views))
+                 open_gsheets, open_existing=open_existing_gsheets, lease_timing=lease_timing, update_views=update_views))

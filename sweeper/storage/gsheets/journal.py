@@ -55,7 +55,7 @@ from optuna.storages.journal import BaseJournalBackend
 from optuna.storages.journal._storage import JournalOperation as Op
 from optuna.trial import TrialState
 
-from sweeper.errors import StoreChanged, SweeperError
+from sweeper.errors import StoreChanged, SweeperError, UserError
 from sweeper.storage.gsheets.auth import GoogleCredentials, find_credentials
 
 if TYPE_CHECKING:
@@ -95,8 +95,9 @@ class SheetJournalBackend(BaseJournalBackend):
     """Optuna's journal in a spreadsheet's `journal` worksheet; see the module docstring for the guarantees."""
 
     def __init__(self, spreadsheet_id: str, creds: GoogleCredentials | None = None,
-                 settings: SheetSettings | None = None) -> None:
+                 settings: SheetSettings | None = None, create: bool = True) -> None:
         self.spreadsheet_id = spreadsheet_id
+        self.create = create  # False: a sheet without a journal worksheet is refused, never prepared
         self.settings = settings or _sheets().SheetSettings.from_env()
         self._creds = creds
         self._reset()
@@ -132,7 +133,7 @@ class SheetJournalBackend(BaseJournalBackend):
 
     def __getstate__(self) -> dict[str, Any]:
         # Like Optuna's redis backend: a copy in another process reconnects and replays from the start.
-        return {"spreadsheet_id": self.spreadsheet_id, "settings": self.settings}
+        return {"spreadsheet_id": self.spreadsheet_id, "settings": self.settings, "create": self.create}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -252,6 +253,10 @@ class SheetJournalBackend(BaseJournalBackend):
             reply = self.client().values_get(self.spreadsheet_id, rng)
         except _sheets().APIError as e:
             if e.code == 400 and "parse range" in str(e).lower():  # no journal worksheet yet
+                if not self.create:
+                    self._broken = UserError(f"spreadsheet {self.spreadsheet_id!r} holds no sweeper journal: run "
+                                             f"sweeper init --store gsheets://{self.spreadsheet_id} first")
+                    raise self._broken
                 self.prepare()
                 reply = self.client().values_get(self.spreadsheet_id, rng)
             else:
@@ -279,7 +284,7 @@ class SheetJournalBackend(BaseJournalBackend):
         sent = time.monotonic()
         rows = self._read(start)
         if not self._unchanged(rows, start, known):  # a racing append landed among rows not yet replayed
-            self.stats["late_landings"] += 1  # ... at least this long after the row it landed above: wait longer
+            self.stats["late_landings"] += 1  # see _unchanged: how late it landed goes into settle_s
             start = max(0, final - OVERLAP)
             rows = self._read(start)
             self._unchanged(rows, start, final)
@@ -301,8 +306,10 @@ class SheetJournalBackend(BaseJournalBackend):
                         "which this process had already replayed (rows edited, sorted or deleted by hand, or an "
                         "append that landed late): reload the study")
                     raise self._broken
+                # It landed above a row we saw at `seen`, and after our previous read (which did not show it): at
+                # least this late. The time since `seen` would include the wait between reads (sync_s).
                 seen = self._tentative_seen[start + i - len(self._final)]
-                self._late.append(time.monotonic() - seen)
+                self._late.append(max(0.0, self._last_got - seen))
                 return False
         return True
 
