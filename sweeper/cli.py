@@ -17,7 +17,7 @@ from sweeper import __version__, report
 from sweeper.errors import SweeperError, UserError
 from sweeper.leases import grace_s, stopped_workers
 from sweeper.spec import data_problem, load_spec
-from sweeper.storage import BACKENDS
+from sweeper.storage import BACKENDS, FILE_STORES, open_store
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # never break a path or URL across lines
 
@@ -34,7 +34,6 @@ class _Group(click.Group):
             raise error from None
 
 
-ONE_MACHINE_STORES = ("sqlite:", "journal:")  # stores whose workers run on this machine
 
 store_option = click.option("--store", envvar="SWEEPER_STORE", required=True, metavar="URL",
                             help="Store URL (env SWEEPER_STORE); `sweeper stores` lists the kinds.")
@@ -50,7 +49,6 @@ def _folder_must_exist(path: Path) -> None:
 
 def _open(url: str, study: str | None):
     """(the store, its study, the study's spec); study None: the store's only one, read once."""
-    from sweeper.storage import open_store
     from sweeper.study import load_study
 
     store = open_store(url)
@@ -69,11 +67,10 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the spec of an existing study (its trials are kept).")
 def init(sweep_file: Path, store: str, overwrite: bool) -> None:
     """Validate SWEEP_FILE and create its study in the store."""
-    from sweeper.storage import open_store
     from sweeper.study import create_study
 
     spec = load_spec(sweep_file)
-    local = store.startswith(ONE_MACHINE_STORES)
+    local = store.startswith(FILE_STORES)
     if (problem := data_problem(spec)) is not None:
         if local:  # its workers run on this machine, from here: they would all stop at it
             raise UserError(f"{sweep_file}: {problem}")
@@ -186,7 +183,6 @@ def demo(folder: Path, trials: int) -> None:
     from runner import run_worker
     from runner.demo import FIRST_POINTS, prepare_demo
     from runner.train import quiet_libraries
-    from sweeper.storage import open_store
     from sweeper.study import create_study, enqueue as enqueue_points
 
     quiet_libraries()

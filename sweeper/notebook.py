@@ -20,11 +20,10 @@ import nbformat
 from sweeper import __version__, wheel
 from sweeper.errors import SweeperError, UserError, first_line
 from sweeper.platforms import STORE_SECRET
-from sweeper.storage import redact
+from sweeper.storage import FILE_STORES, redact
 
 PLATFORMS = ("colab", "kaggle", "local")
 GSHEETS_SECRET = "SWEEPER_GSHEETS_CREDENTIALS"  # the name sweeper.storage.gsheets.auth reads
-LOCAL_FILE_STORES = ("sqlite:", "journal:")
 
 
 SECRET_QUERY = re.compile(r"([?&](?:password|passwd|pwd|token|secret)=)[^&]*", re.I)
@@ -78,7 +77,7 @@ def check_reachable(platform: str, store: str) -> None:
     if platform == "local":
         return
     name = platform.capitalize()
-    if store.startswith(LOCAL_FILE_STORES):
+    if store.startswith(FILE_STORES):
         raise UserError(f"a {name} notebook cannot reach {shown(store)}: that store is a file on this machine; use "
                         "gsheets:// (README: A Google Sheet as the store)" + (" or drive://" if platform == "colab" else "")
                         + ", or a database server")

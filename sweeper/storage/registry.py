@@ -50,6 +50,7 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
+FILE_STORES = ("sqlite:", "journal:")  # URL prefixes of stores that are a file on this machine: their workers run here
 
 
 def register(backend: Backend) -> None:

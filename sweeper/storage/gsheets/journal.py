@@ -464,7 +464,8 @@ class SheetJournalBackend(BaseJournalBackend):
             return
         sheet_id, rows, cols = grids[JOURNAL]
         if cols > JOURNAL_COLUMNS and self._narrow_journal(sheet_id, cols):
-            grids[JOURNAL] = sheet_id, rows, cols = sheet_id, rows, JOURNAL_COLUMNS
+            cols = JOURNAL_COLUMNS
+            grids[JOURNAL] = sheet_id, rows, cols
         total = sum(r * c for _, r, c in grids.values())
         self._journal_rows, self._journal_cols = max(self._journal_rows, rows), cols
         self._other_cells, self._room_counted = total - rows * cols, total
