@@ -4,7 +4,7 @@ before that fix (bitsandbytes repacking the weights at the first eval), in the s
 On a CPU with AVX512-BF16, bitsandbytes 0.49-0.50 repacks each 4-bit weight into an inference-only format at
 the first eval-mode forward; training after that goes through a kernel with no backward (DESIGN.md). Both
 sweeps use the demo's spec, its enqueued points and the same worker id, so the same sampler seed; they differ
-only in runner.train.keep_4bit_weights_trainable. On a CPU without AVX512-BF16 both print the same figures.
+only in runner.model.keep_4bit_weights_trainable. On a CPU without AVX512-BF16 both print the same figures.
 
     python bench/cpu_4bit.py [--trials 12]
 """
@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from unittest import mock
 
-from runner import demo, run_worker, train
+from runner import demo, model, run_worker
 from sweeper.spec import load_spec
 from sweeper.storage import open_store
 from sweeper.study import create_study, enqueue, load_study
@@ -30,9 +30,9 @@ def sweep(folder: Path, trials: int, trainable: bool) -> dict:
     study, _ = create_study(spec, opened := open_store(store, create=True))
     enqueue(study, opened, demo.FIRST_POINTS)
     fixed_worker_id = uuid.UUID(int=0)  # the worker id seeds the sampler: the same for both sweeps
-    keep = train.keep_4bit_weights_trainable if trainable else (lambda model: None)  # None: as shipped before
+    keep = model.keep_4bit_weights_trainable if trainable else (lambda model: None)  # None: as shipped before
     with mock.patch("runner.worker.uuid.uuid4", return_value=fixed_worker_id), \
-            mock.patch.object(train, "keep_4bit_weights_trainable", keep):
+            mock.patch.object(model, "keep_4bit_weights_trainable", keep):
         run_worker(store, spec.study, checkpoint_root=str(folder / "checkpoints"), account="bench", log=lambda s: None)
     study, _ = load_study(store, spec.study)
     points = {(t.params["learning_rate"], t.params["batch_size"]): t.value for t in study.trials[:len(demo.FIRST_POINTS)]}

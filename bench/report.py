@@ -1,15 +1,16 @@
 """Benchmark: `sweeper report` against Optuna's `study.trials_dataframe()` on the same study, in one run.
 
 Builds a study of N trials with the user attrs runner/worker.py writes, in a journal store and a
-sqlite store under a temp dir, then times from a freshly opened store each time:
-  ours, table: load_study + trial_rows + render_table to a null console (what `sweeper report` does)
-  ours, json:  load_study + trial_rows + to_json                      (`sweeper report --json`)
+sqlite store under a temp dir, then times from a freshly opened store each time, at each width:
+  ours, view:  open_store + load_study + overview.look, printed to a null console (`sweeper report`)
+  ours, all:   open_store + load_study + trial_rows + render_all to a null console (`sweeper report --all`)
+  ours, json:  load_study + trial_rows + to_json                                  (`sweeper report --json`)
   baseline:    optuna.load_study + study.trials_dataframe()
-  load:        optuna.load_study alone, the part all three share
+  load:        optuna.load_study alone, the part all of them share
 and prints the median seconds and the ratio baseline / ours (above 1: ours is faster).
 Building the 5,000-trial sqlite store takes about two minutes.
 
-    python bench/report.py [--trials 1000 5000] [--repeat 5] [--stores journal sqlite]
+    python bench/report.py [--trials 1000 5000] [--repeat 5] [--stores journal sqlite] [--widths 80 200]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -31,9 +33,10 @@ from rich.console import Console
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from sweeper import report
+from sweeper import overview, report
+from sweeper.record import LEASE
 from sweeper.spec import spec_from_dict
-from sweeper.storage import open_storage
+from sweeper.storage import open_storage, open_store
 from sweeper.study import create_study, load_study
 
 SPEC = {
@@ -78,6 +81,11 @@ def make_trial(number: int, rng: random.Random) -> optuna.trial.FrozenTrial:
             "checkpoint": f"/content/drive/MyDrive/sweeps/bench/trial-{number:04d}", "resumed_from_step": 0,
             "versions": {"torch": "2.6.0", "transformers": "4.51.3", "peft": "0.15.2", "bitsandbytes": "0.45.5"},
         }
+    running = number % 500 == 499  # a few running, their lease beating (sweeper/leases.py)
+    if running:
+        state, result, losses = TrialState.RUNNING, {}, losses[:3]
+    lease = {LEASE: {"worker": worker["id"], "account": account, "platform": worker["platform"], "beat": 7,
+                     "at": time.time(), "step": 3 * steps // 8, "total_steps": steps}} if running else {}
     return optuna.trial.create_trial(
         state=state,
         value=losses[-1] if state == TrialState.COMPLETE else None,
@@ -85,7 +93,8 @@ def make_trial(number: int, rng: random.Random) -> optuna.trial.FrozenTrial:
         distributions={"learning_rate": FloatDistribution(3e-5, 2e-3, log=True),
                        "batch_size": CategoricalDistribution([8, 16, 32])},
         intermediate_values={k + 1: v for k, v in enumerate(losses)},
-        user_attrs={"worker": worker, "result": result},
+        user_attrs={"worker": worker, "result": result} if result else {"worker": worker},
+        system_attrs=lease,
     )
 
 
@@ -109,11 +118,19 @@ def build(url: str, n: int) -> None:
 # What is timed
 
 
-def ours_table(url: str) -> None:
-    study, spec = load_study(url, "bench")
-    rows = report.trial_rows(study)
+def ours_view(url: str, width: int) -> None:
+    store = open_store(url)
+    study, spec = load_study(store, "bench")
     with open(os.devnull, "w") as null:
-        report.render_table(study, spec, rows, Console(file=null, width=160))
+        Console(file=null, width=width).print(overview.look(study, store, spec, width), crop=False)
+
+
+def ours_all(url: str, width: int) -> None:
+    store = open_store(url)
+    study, spec = load_study(store, "bench")
+    rows = report.trial_rows(study, store)
+    with open(os.devnull, "w") as null:
+        report.render_all(study, spec, rows, Console(file=null, width=width))
 
 
 def ours_json(url: str) -> None:
@@ -156,6 +173,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--stores", nargs="+", choices=["journal", "sqlite"], default=["journal", "sqlite"])
+    parser.add_argument("--widths", type=int, nargs="+", default=[80, 200], help="terminal columns")
     args = parser.parse_args()
 
     rows = []
@@ -166,18 +184,22 @@ def main() -> None:
                 start = time.perf_counter()
                 build(url, n)
                 print(f"built {n} trials in {kind} in {time.perf_counter() - start:.1f} s", flush=True)
-                fns = [ours_table, ours_json, baseline, open_only]
+                fns = [*(partial(f, width=w) for w in args.widths for f in (ours_view, ours_all)),
+                       ours_json, baseline, open_only]
                 for fn in fns:  # warm the page cache and imports once
                     fn(url)
-                rows.append((n, kind, *median_seconds(fns, url, args.repeat)))
+                times = median_seconds(fns, url, args.repeat)
+                base, opened, as_json = times[-2], times[-1], times[-3]
+                for k, width in enumerate(args.widths):
+                    rows.append((n, kind, width, times[2 * k], times[2 * k + 1], as_json, base, opened))
 
     print()
-    print("| trials | store | `sweeper report` s | `report --json` s | load + `trials_dataframe()` s | of which load s "
-          "| ratio table | ratio json |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n, kind, table, as_json, base, opened in rows:
-        print(f"| {n:,} | {kind} | {table:.3f} | {as_json:.3f} | {base:.3f} | {opened:.3f} "
-              f"| {base / table:.2f}x | {base / as_json:.2f}x |")
+    print("| trials | store | columns | `report` s | `report --all` s | `report --json` s "
+          "| load + `trials_dataframe()` s | of which load s | ratio view | ratio all | ratio json |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, kind, width, view, every, as_json, base, opened in rows:
+        print(f"| {n:,} | {kind} | {width} | {view:.3f} | {every:.3f} | {as_json:.3f} | {base:.3f} | {opened:.3f} "
+              f"| {base / view:.2f}x | {base / every:.2f}x | {base / as_json:.2f}x |")
     print(f"\nmedian of {args.repeat} runs each; every run opens the store afresh; "
           "ratio = baseline / ours (above 1: ours is faster)")
 

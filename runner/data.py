@@ -1,4 +1,4 @@
-"""Dataset to tokens: records -> documents -> fixed held-out split -> packed training sequences.
+"""Dataset to tokens: records -> documents -> fixed held-out split -> packed training sequences, once per sweep.
 
 Packing puts several documents in one sequence with their position ids restarting at 0; with
 `use_cache=False`, transformers turns those position ids into a block-diagonal causal mask for
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.hub import cannot_load, check_model_source
 from sweeper.errors import UserError, first_line
-from sweeper.spec import DataSpec
+from sweeper.spec import DataSpec, SweepSpec
 
 IGNORE = -100  # label value the loss skips
 
@@ -189,3 +190,30 @@ def pad_each(docs: list[Doc], seq_len: int, pad_id: int) -> Batchable:
         rows.position_ids.append(list(range(len(ids))) + list(range(pad)))
         rows.real.append(len(ids))
     return rows
+
+
+@dataclass
+class SweepData:
+    """What every trial of a sweep shares: the tokenizer and the same train and eval sequences."""
+
+    tokenizer: Any
+    train: Batchable
+    eval: Batchable
+
+
+def prepare_data(spec: SweepSpec) -> SweepData:
+    """Tokenize the dataset once per sweep: every trial trains on the same sequences."""
+    from transformers import AutoTokenizer
+
+    check_model_source(spec.model.id)  # the worker's first look at the model: one clear line if it is not there
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.model.id)
+    except (OSError, ValueError) as e:
+        raise cannot_load("tokenizer", spec.model.id, e) from None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seq_len, seed = spec.model.max_seq_len, spec.train.seed
+    docs = tokenize(load_records(spec.data), tokenizer, spec.data, seq_len)
+    train_docs, eval_docs = split_eval(docs, spec.data.eval_examples, seed)
+    budget = budget_docs(train_docs, seq_len, seed, spec.budget.train_tokens, spec.budget.train_examples)
+    layout = pack if spec.data.packing else pad_each
+    return SweepData(tokenizer, layout(budget, seq_len, pad_id), layout(eval_docs, seq_len, pad_id))

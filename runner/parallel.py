@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-from runner.train import Peers, Preempted, SweepData, TrialResult, quiet_libraries, run_trial
+from runner.data import SweepData
+from runner.peers import Peers
+from runner.train import Preempted, TrialResult, quiet_libraries, run_trial
 from sweeper.errors import SweeperError, first_line
 from sweeper.spec import SweepSpec
 
@@ -40,7 +42,8 @@ def trial_devices(gpus_per_trial: int) -> list[str]:
 def run_trial_parallel(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_data: SweepData,
                        report: Callable[[int, float], bool] | None = None, *, devices: list[str],
                        precision: str | None = None, log: Callable[[str], None] = print,
-                       stop: Callable[[], str | None] | None = None) -> TrialResult:
+                       stop: Callable[[], str | None] | None = None,
+                       progress: Callable[[int, int, float, float | None], None] | None = None) -> TrialResult:
     """run_trial, on one process per device: the same arguments, result and exceptions (Preempted, the trainer's
     errors), and a one-line SweeperError when a training process dies."""
     context = mp.get_context("spawn")
@@ -65,7 +68,7 @@ def run_trial_parallel(spec: SweepSpec, params: dict[str, Any], trial_dir: Path,
             theirs.close()
             links.append(ours)
         log(f"  training on {len(devices)} processes at once ({', '.join(devices)})")
-        return _serve(links, procs, devices, report, stop, log)
+        return _serve(links, procs, devices, report, stop, log, progress)
     except BaseException:
         for proc in procs:  # a checkpoint is written before Preempted comes back, and is only ever renamed in
             proc.kill()
@@ -78,7 +81,7 @@ def run_trial_parallel(spec: SweepSpec, params: dict[str, Any], trial_dir: Path,
                 proc.join()
 
 
-def _serve(links: list[Connection], procs, devices: list[str], report, stop, log) -> TrialResult:
+def _serve(links: list[Connection], procs, devices: list[str], report, stop, log, progress=None) -> TrialResult:
     """Answer rank 0 until a result, Preempted or a failure comes back; log what any of them says."""
     unread = list(links)  # until they read EOF
     running = {proc.sentinel: rank for rank, proc in enumerate(procs)}
@@ -93,6 +96,9 @@ def _serve(links: list[Connection], procs, devices: list[str], report, stop, log
                 continue
             if kind == "log":
                 log(value)
+            elif kind == "progress":
+                if progress is not None:
+                    progress(*value)
             elif kind == "report":
                 _answer(link, report is not None and report(*value))
             elif kind == "stop":
@@ -203,7 +209,8 @@ def _train_rank(link: Connection, address: str, rank: int, devices: list[str], s
         result = run_trial(spec, params, trial_dir, data, (lambda k, loss: ask("report", (k, loss))) if first else None,
                            device=str(device), precision=precision, peers=Peers(rank, len(devices)),
                            log=lambda line: tell("log", line if first else f"  [rank {rank}] {line.lstrip()}"),
-                           stop=(lambda: ask("stop")) if first else None)
+                           stop=(lambda: ask("stop")) if first else None,
+                           progress=(lambda *value: tell("progress", value)) if first else None)
         if first:
             tell("result", result)
     except Preempted as e:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -150,16 +151,144 @@ def _resume_into(trial_dir: Path, resume_from: str, log: Callable[[str], None]) 
     log(f"resuming from the checkpoints in {resume_from}")
 
 
+@dataclass
+class Session:
+    """What the worker's loop and each of its trials share: the store, the study and its spec, this worker."""
+
+    url: str
+    store: Any
+    study: optuna.Study
+    spec: SweepSpec
+    platform: Platform
+    summary: WorkerSummary
+    trainer: Any
+    train: Callable[..., Any]
+    """The trainer's run_trial, bound to what this worker keeps across trials (its base model, or its GPUs)."""
+    sweep_data: Any
+    watcher: Watcher
+    stop: StopRequest
+    heartbeat_s: float
+    show_bars: bool
+    precision: str | None
+    log: Callable[[str], None]
+    gpu_seconds: float = 0.0
+    failures_in_a_row: int = 0
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"id": self.summary.worker_id, "account": self.platform.account, "platform": self.platform.name,
+                "gpu": self.platform.gpu_name}
+
+    def views(self, trial_number: int | None) -> None:
+        """The store's views for people, where it keeps any (a sheet's `trials` and `workers`)."""
+        self.store.update_views(self.study, {"worker": self.summary.worker_id, "account": self.platform.account,
+                                             "platform": self.platform.name, "gpu": self.platform.gpu_name,
+                                             "trial": trial_number, "gpu_hours": self.gpu_seconds / 3600})
+
+    def watch_leases(self, own_trial_id: int) -> None:
+        """While our trial trains: note the other leases, so that a dead one is taken over at our next ask."""
+        self.watcher.observe(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), own={own_trial_id})
+
+    def check_place(self, trial: optuna.Trial) -> None:
+        if (lost := self.store.claim_lost(trial._trial_id)) is not None:
+            raise Superseded(f"claim lost: {lost}")
+        if (why := superseded(self.study, trial._trial_id)) is not None:
+            raise Superseded(why)
+
+    def reload(self, study_name: str, worker_seed: int) -> None:
+        """The study as the store says now (after it changed under us); the spec may have changed too."""
+        self.store = open_store(self.url)
+        self.store.join(self.summary.worker_id)
+        self.study, self.spec = load_study(self.store, study_name, worker_seed=worker_seed)
+        self.heartbeat_s, lag_s = self.store.lease_timing(self.spec.heartbeat_s)
+        self.watcher.grace_s = grace_s(self.heartbeat_s, lag_s)
+
+
+def run_one_trial(session: Session, trial: optuna.Trial, params: dict[str, Any]) -> None:
+    """Train one claimed trial and tell the study how it ended: complete, pruned, failed, or handed over to be
+    resumed (preempted). Raises StoreChanged and UpdateFinishedTrialError (the trial taken over) to the loop, and
+    SweeperError when MAX_FAILURES_IN_A_ROW trials failed in a row."""
+    s, study, log = session, session.study, session.log
+
+    def report(k: int, loss: float) -> bool:
+        s.check_place(trial)
+        trial.report(loss, k)
+        s.views(trial.number)
+        return trial.should_prune()
+
+    trial_dir = s.platform.checkpoint_root / study.study_name / _trial_folder(study, trial)
+    lease = {"worker": s.summary.worker_id, "account": s.platform.account, "platform": s.platform.name,
+             "checkpoint": str(trial_dir)}
+    heartbeat = Heartbeat(study._storage, trial._trial_id, lease, s.heartbeat_s, log,
+                          watch=functools.partial(s.watch_leases, trial._trial_id))
+    bar = TrialBar(trial.number) if s.show_bars else None
+
+    def progress(step: int, total: int, tokens_per_s: float, eval_loss: float | None) -> None:
+        heartbeat.progress(step, total)
+        if bar is not None:
+            bar(step, total, tokens_per_s, eval_loss)
+
+    try:
+        s.check_place(trial)  # a resume whose place another holds stops before it starts
+        if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
+            _resume_into(trial_dir, resume_from, log)
+        result = s.train(s.spec, params, trial_dir, s.sweep_data, report, precision=s.precision, stop=s.stop,
+                         progress=progress, log=bar.above(log) if bar is not None else log)
+        s.check_place(trial)  # once more before the result goes in
+    except s.trainer.Preempted as e:
+        heartbeat.stop()
+        frozen = study._storage.get_trial(trial._trial_id)
+        hand_over(study, frozen, {RESULT: {"fail_reason": f"preempted: {e.reason}", "checkpoint": str(trial_dir)}},
+                  str(trial_dir))
+        log(f"trial {trial.number} preempted ({e.reason}): checkpoint {e.checkpoint} written, "
+            "trial handed over to be resumed")
+        return
+    except (StoreChanged, UpdateFinishedTrialError):
+        raise
+    except Superseded as e:  # not a failure of ours: another record holds the place
+        _tell_failed(study, trial, str(e))
+        log(f"trial {trial.number} stops: {e}")
+        return
+    except Exception as e:  # whatever the trainer raised fails this trial, in one line, not the worker
+        reason_text = f"{type(e).__name__}: {first_line(e)}"
+        _tell_failed(study, trial, reason_text)
+        log(f"trial {trial.number} failed: {reason_text}")
+        s.failures_in_a_row += 1
+        if s.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            why = f"{s.failures_in_a_row} trials failed in a row; last: {reason_text}"
+            record_worker_stop(study, s.identity, why)
+            raise SweeperError(why) from None
+        return
+    finally:
+        heartbeat.stop()
+        if bar is not None:
+            bar.close()
+    s.failures_in_a_row = 0
+    s.gpu_seconds += result.wall_time_s * result.gpus
+    trial.set_user_attr(RESULT, s.trainer.result_attrs(result))
+    if result.pruned_at is not None:
+        study.tell(trial, state=TrialState.PRUNED)
+        log(f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})")
+    else:
+        study.tell(trial, result.eval_loss)
+        log(f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, "
+            f"{result.tokens_per_s:.0f} tok/s, {result.wall_time_s:.1f} s")
+    s.views(None)
+
+
 def run_worker(url: str, study: str | None = None, *, max_trials: int | None = None, account: str | None = None,
                checkpoint_root: str | None = None, deadline_hours: float | None = None,
                precision: str | None = None, allow_cpu: bool = False,
-               log: Callable[[str], None] = print) -> WorkerSummary:
+               log: Callable[[str], None] = print, trainer: Any = None) -> WorkerSummary:
     """Join a study (None: the store's only one) and run trials until its budget is met, max_trials ran,
     or the session ends (deadline, SIGTERM, Ctrl-C: the running trial is checkpointed and handed over).
-    On Colab and Kaggle it refuses to start without a GPU unless allow_cpu."""
-    from runner.train import Preempted, prepare_data, quiet_libraries, result_attrs, run_trial
+    On Colab and Kaggle it refuses to start without a GPU unless allow_cpu. `trainer`: what trains a trial
+    (None: runner.train; tests pass a fast one): its quiet_libraries, prepare_data, BaseModel, run_trial,
+    result_attrs and Preempted."""
+    if trainer is None:
+        from runner import train as trainer
 
-    quiet_libraries()
+    trainer.quiet_libraries()
     platform = detect(account, checkpoint_root, deadline_hours)
     require_gpu(platform, allow_cpu)
     summary = WorkerSummary(f"{platform.account}/{uuid.uuid4().hex[:8]}")
@@ -167,8 +296,8 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
     store = open_store(url)
     optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
     study = optuna_study.study_name
-    train = run_trial
-    show_bars = watched()  # one process trains: its steps can be shown as they go
+    # The base model is loaded at the first trial and kept for the others (fresh adapters each time).
+    train, show_bars = functools.partial(trainer.run_trial, base=trainer.BaseModel()), watched()
     if spec.gpus_per_trial > 1:
         from runner import parallel
 
@@ -181,126 +310,49 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
         log(f"checkpoints go to {platform.checkpoint_root}, which only this machine sees: a trial killed here "
             "restarts from step 0 elsewhere" + (" (a checkpoint_root under /content/drive shares them)"
                                                  if platform.name == "colab" else ""))
-    identity = {"id": summary.worker_id, "account": platform.account, "platform": platform.name, "gpu": platform.gpu_name}
-    try:
-        sweep_data = prepare_data(spec)
-    except SweeperError as e:  # the model or the data is not there: say so in the store, not only here
-        record_worker_stop(optuna_study, identity, str(e))
-        raise
-    log(f"data: {len(sweep_data.train)} train and {len(sweep_data.eval)} eval sequences of {spec.model.max_seq_len} tokens")
-
-    failures_in_a_row = 0
-    gpu_seconds = 0.0
     heartbeat_s, lag_s = store.lease_timing(spec.heartbeat_s)
-    watcher = Watcher(heartbeat_s, lag_s=lag_s)
-    stop = StopRequest(platform)
-    lease = {"worker": summary.worker_id, "account": platform.account, "platform": platform.name}
+    session = Session(url, store, optuna_study, spec, platform, summary, trainer, train, None,
+                      Watcher(heartbeat_s, lag_s=lag_s), StopRequest(platform), heartbeat_s, show_bars, precision, log)
+    try:
+        session.sweep_data = trainer.prepare_data(spec)
+    except SweeperError as e:  # the model or the data is not there: say so in the store, not only here
+        record_worker_stop(optuna_study, session.identity, str(e))
+        raise
+    log(f"data: {len(session.sweep_data.train)} train and {len(session.sweep_data.eval)} eval sequences of "
+        f"{spec.model.max_seq_len} tokens")
+
     waiting_logged = False
-
-    def views(trial_number: int | None) -> None:
-        """The store's views for people, where it keeps any (a sheet's `trials` and `workers`)."""
-        store.update_views(optuna_study,
-                           {"worker": summary.worker_id, "account": platform.account, "platform": platform.name,
-                      "gpu": platform.gpu_name, "trial": trial_number, "gpu_hours": gpu_seconds / 3600})
-
-    def watch_leases(own_trial_id: int) -> None:
-        """While our trial trains: note the other leases, so that a dead one is taken over at our next ask."""
-        watcher.observe(optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), own={own_trial_id})
-
-    trial = None
-    with stop.signals():
+    trial, s = None, session
+    with s.stop.signals():
         while True:
             try:
-                summary.took_over += take_over_stale(optuna_study, watcher, log, by=summary.worker_id)
-                finished, running, resumes = _budget(optuna_study)
-                if (reason := _stop_reason(optuna_study, spec, platform, finished, len(summary.trials), max_trials,
-                                           stop)) is not None:
+                summary.took_over += take_over_stale(s.study, s.watcher, log, by=summary.worker_id)
+                finished, running, resumes = _budget(s.study)
+                if (reason := _stop_reason(s.study, s.spec, platform, finished, len(summary.trials), max_trials,
+                                           s.stop)) is not None:
                     break
-                if not resumes and finished + running >= spec.n_trials:  # the rest runs elsewhere: watch it finish
+                if not resumes and finished + running >= s.spec.n_trials:  # the rest runs elsewhere: watch it finish
                     if not waiting_logged:
                         log(f"waiting: {running} trials of other workers are running to finish the budget")
                         waiting_logged = True
-                    time.sleep(min(heartbeat_s, 30))
+                    time.sleep(min(s.heartbeat_s, 30))
                     continue
                 waiting_logged = False
-                trial = optuna_study.ask()
-                params = suggest(trial, spec)
-                if _surplus(optuna_study, spec, trial):
-                    _tell_failed(optuna_study, trial, "surplus: other workers started the budget's last trials at once")
+                trial = s.study.ask()
+                params = suggest(trial, s.spec)
+                if _surplus(s.study, s.spec, trial):
+                    _tell_failed(s.study, trial, "surplus: other workers started the budget's last trials at once")
                     log(f"trial {trial.number} is one too many: other workers started the budget's last trials; "
                         "watching them instead")
                     trial = None
-                    time.sleep(min(heartbeat_s, 30))  # let the store show us what the others started
+                    time.sleep(min(s.heartbeat_s, 30))  # let the store show us what the others started
                     continue
-                trial.set_user_attr(WORKER, identity)
+                trial.set_user_attr(WORKER, s.identity)
                 summary.trials.append(trial.number)
                 log(f"trial {trial.number}: {params}")
-                views(trial.number)
-
-                def check_place(trial=trial) -> None:
-                    if (lost := store.claim_lost(trial._trial_id)) is not None:
-                        raise Superseded(f"claim lost: {lost}")
-                    if (why := superseded(optuna_study, trial._trial_id)) is not None:
-                        raise Superseded(why)
-
-                def report(k: int, loss: float, trial=trial) -> bool:
-                    check_place()
-                    trial.report(loss, k)
-                    views(trial.number)
-                    return trial.should_prune()
-
-                trial_dir = platform.checkpoint_root / study / _trial_folder(optuna_study, trial)
-                heartbeat = Heartbeat(optuna_study._storage, trial._trial_id, {**lease, "checkpoint": str(trial_dir)},
-                                      heartbeat_s, log, watch=functools.partial(watch_leases, trial._trial_id))
-                bar = TrialBar(trial.number) if show_bars else None
-                try:
-                    check_place()  # a resume whose place another holds stops before it starts
-                    if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
-                        _resume_into(trial_dir, resume_from, log)
-                    shown = {"progress": bar, "log": bar.above(log)} if bar is not None else {"log": log}  # one process
-                    result = train(spec, params, trial_dir, sweep_data, report, precision=precision, stop=stop, **shown)
-                    check_place()  # once more before the result goes in
-                except Preempted as e:
-                    heartbeat.stop()
-                    frozen = optuna_study._storage.get_trial(trial._trial_id)
-                    hand_over(optuna_study, frozen, {RESULT: {"fail_reason": f"preempted: {e.reason}",
-                                                                "checkpoint": str(trial_dir)}}, str(trial_dir))
-                    log(f"trial {trial.number} preempted ({e.reason}): checkpoint {e.checkpoint} written, "
-                        "trial handed over to be resumed")
-                    trial = None
-                    continue
-                except (StoreChanged, UpdateFinishedTrialError):
-                    raise
-                except Superseded as e:  # not a failure of ours: another record holds the place
-                    _tell_failed(optuna_study, trial, str(e))
-                    log(f"trial {trial.number} stops: {e}")
-                    continue
-                except Exception as e:  # whatever the trainer raised fails this trial, in one line, not the worker
-                    reason_text = f"{type(e).__name__}: {first_line(e)}"
-                    _tell_failed(optuna_study, trial, reason_text)
-                    log(f"trial {trial.number} failed: {reason_text}")
-                    failures_in_a_row += 1
-                    if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                        why = f"{failures_in_a_row} trials failed in a row; last: {reason_text}"
-                        record_worker_stop(optuna_study, identity, why)
-                        raise SweeperError(why) from None
-                    continue
-                finally:
-                    heartbeat.stop()
-                    if bar is not None:
-                        bar.close()
-                failures_in_a_row = 0
-                gpu_seconds += result.wall_time_s * result.gpus
-                trial.set_user_attr(RESULT, result_attrs(result))
-                if result.pruned_at is not None:
-                    optuna_study.tell(trial, state=TrialState.PRUNED)
-                    log(f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})")
-                else:
-                    optuna_study.tell(trial, result.eval_loss)
-                    log(f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, "
-                        f"{result.tokens_per_s:.0f} tok/s, {result.wall_time_s:.1f} s")
+                s.views(trial.number)
+                run_one_trial(s, trial, params)
                 trial = None
-                views(None)
             except UpdateFinishedTrialError:
                 # Another worker saw our heartbeat stop (a stall longer than the grace) and took the trial over.
                 log(f"trial {trial.number if trial else '?'} was taken over by another worker; going on")
@@ -309,17 +361,13 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
                 # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now,
                 # and fail the trial we held, so it does not sit RUNNING against the budget.
                 log(f"{e}; reloading the study")
-                store = open_store(url)
-                store.join(summary.worker_id)
-                optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
-                heartbeat_s, lag_s = store.lease_timing(spec.heartbeat_s)  # the spec may have changed too
-                watcher.grace_s = grace_s(heartbeat_s, lag_s)
+                s.reload(study, worker_seed)
                 if trial is not None:
-                    held = optuna.trial.Trial(optuna_study, trial._trial_id)  # the same trial, on the reloaded store
-                    if optuna_study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                        _tell_failed(optuna_study, held, f"store changed: {e}")
+                    held = optuna.trial.Trial(s.study, trial._trial_id)  # the same trial, on the reloaded store
+                    if s.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                        _tell_failed(s.study, held, f"store changed: {e}")
                 trial = None
     summary.stop_reason = reason
     log(f"worker {summary.worker_id} stops: {reason}")
-    views(None)
+    session.views(None)
     return summary

@@ -13,7 +13,8 @@ import click
 import tomli_w
 from rich.console import Console
 
-from sweeper import __version__, report
+from sweeper import __version__, configs, report
+from sweeper.cost import expected_cost
 from sweeper.errors import SweeperError, UserError
 from sweeper.leases import grace_s, stopped_workers
 from sweeper.spec import data_problem, load_spec
@@ -76,8 +77,9 @@ def init(sweep_file: Path, store: str, overwrite: bool) -> None:
             raise UserError(f"{sweep_file}: {problem}")
         err.print(f"warning: {sweep_file}: {problem} on this machine; every worker of this store needs it",
                   style="yellow", markup=False, highlight=False)
-    _, what = create_study(spec, open_store(store, create=True), overwrite=overwrite)
+    study, what = create_study(spec, open_store(store, create=True), overwrite=overwrite)
     err.print(f"study {spec.study!r}: {what}")
+    err.print(expected_cost(spec, study), markup=False, highlight=False)
     click.echo(spec.study)
 
 
@@ -87,14 +89,28 @@ def init(sweep_file: Path, store: str, overwrite: bool) -> None:
 @click.option("--grid", is_flag=True, help="Enqueue every point of the space's grid.")
 @click.option("--point", "points", multiple=True, metavar="NAME=VALUE,...",
               help="A point to enqueue, e.g. learning_rate=1e-4,batch_size=16. Repeatable.")
-def enqueue(store: str, study: str | None, grid: bool, points: tuple[str, ...]) -> None:
-    """Enqueue points for workers to run first; a point already present is skipped."""
+@click.option("--repeat", type=click.IntRange(min=1), metavar="K",
+              help="Run each of the --top configs K more times, with train.seed + 1 .. + K (repeats already there "
+                   "are not enqueued again).")
+@click.option("--top", type=click.IntRange(min=1), metavar="N",
+              help="With --repeat: how many of the best configs (by `sweeper best`'s rule) to repeat [default: 3].")
+def enqueue(store: str, study: str | None, grid: bool, points: tuple[str, ...], repeat: int | None,
+            top: int | None) -> None:
+    """Enqueue points for workers to run first; a point already present is skipped. With --repeat, run the best
+    configs again with other seeds, to measure the noise `sweeper best` accounts for."""
     from sweeper.study import enqueue as enqueue_points
     from sweeper.study import grid_points, parse_point, point_problem
 
-    if not grid and not points:
-        raise UserError("give --grid or at least one --point")
+    if top is not None and repeat is None:
+        raise UserError("--top N goes with --repeat K: give both (sweeper enqueue --repeat 2 --top 3)")
+    if repeat is not None and (grid or points):
+        raise UserError("give --repeat alone, or --grid / --point: repeats run configs already tried, with other seeds")
+    if not grid and not points and repeat is None:
+        raise UserError("give --grid or at least one --point (or --repeat K --top N)")
     opened, optuna_study, spec = _open(store, study)
+    if repeat is not None:
+        _enqueue_repeats(opened, optuna_study, spec, repeat, top or 3)
+        return
     wanted = (grid_points(spec) if grid else []) + [parse_point(p, spec) for p in points]
     for point in wanted[:len(wanted) - len(points)]:  # a grid stored by an older sweeper may hold such a point
         if (why := point_problem(point, spec)) is not None:
@@ -104,36 +120,81 @@ def enqueue(store: str, study: str | None, grid: bool, points: tuple[str, ...]) 
     err.print(f"enqueued {len(added)} of {len(wanted)} points ({len(wanted) - len(added)} already present)")
 
 
+def _enqueue_repeats(opened, optuna_study, spec, repeat: int, top: int) -> None:
+    """enqueue --repeat: the top configs by the rule, each given `repeat` runs with other seeds."""
+    from sweeper.configs import group_configs, params_text
+    from sweeper.study import enqueue_repeats
+
+    chosen = group_configs(report.trial_rows(optuna_study))[:top]
+    if not chosen:
+        raise SweeperError(f"study {optuna_study.study_name!r} has no complete trial yet: nothing to repeat")
+    added = enqueue_repeats(optuna_study, opened, spec, chosen, repeat)
+    seeds = f"seeds {spec.train.seed + 1}..{spec.train.seed + repeat}" if repeat > 1 else f"seed {spec.train.seed + 1}"
+    fewer = f" (only {len(chosen)} {'have' if len(chosen) > 1 else 'has'} a complete run)" if len(chosen) < top else ""
+    err.print(f"enqueued {len(added)} of {len(chosen) * repeat} repeats ({seeds}) of the top {len(chosen)} "
+              f"config{'s' if len(chosen) > 1 else ''}{fewer}; {len(chosen) * repeat - len(added)} already present")
+    for group in chosen:
+        new = sum(params is group.params for params, _ in added)
+        err.print(f"  {params_text(group.params)}: {group.n} run{'s' if group.n > 1 else ''} "
+                  f"({', '.join(f'#{n}' for n in group.runs)}), {new} new", markup=False, highlight=False)
+
+
 @cli.command(name="report")
 @store_option
 @study_option
-@click.option("--json", "as_json", is_flag=True, help="Print the trials as JSON.")
-@click.option("--csv", "as_csv", is_flag=True, help="Print the trials as CSV.")
-def report_command(store: str, study: str | None, as_json: bool, as_csv: bool) -> None:
-    """Show every trial: state, params, eval loss, steps, wall time, GPU, account, checkpoint."""
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
+              help="Configs in the leaderboard.")
+@click.option("--all", "show_all", is_flag=True, help="Every trial, a line each; checkpoint paths whole.")
+@click.option("--watch", is_flag=True, help="Redraw the view in place as trials land; Ctrl-C leaves.")
+@click.option("--interval", type=click.FloatRange(min=1), default=10, show_default=True, metavar="S",
+              help="Seconds between --watch redraws (each reads the store).")
+@click.option("--json", "as_json", is_flag=True, help="Print every trial as JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print every trial as CSV.")
+def report_command(store: str, study: str | None, top: int, show_all: bool, watch: bool, interval: float,
+                   as_json: bool, as_csv: bool) -> None:
+    """Where the sweep stands: progress, leaderboard, running trials, learning rate x batch size, importances,
+    warnings. --all, --json and --csv give every trial."""
+    from sweeper import overview
+
     if as_json and as_csv:
         raise UserError("give --json or --csv, not both")
+    if watch and (show_all or as_json or as_csv):
+        raise UserError("--watch redraws the default view: drop --all, --json and --csv")
     opened, optuna_study, spec = _open(store, study)
-    rows = report.trial_rows(optuna_study, opened, grace_s(*opened.lease_timing(spec.heartbeat_s)))
-    if as_json:
-        click.echo(report.to_json(rows))
-    elif as_csv:
-        click.echo(report.to_csv(spec, rows), nl=False)
+    console = Console(highlight=False)  # the terminal's own width
+    if as_json or as_csv or show_all:
+        rows = report.trial_rows(optuna_study, opened, grace_s(*opened.lease_timing(spec.heartbeat_s)))
+        if as_json:
+            click.echo(report.to_json(rows))
+        elif as_csv:
+            click.echo(report.to_csv(spec, rows), nl=False)
+        else:
+            report.render_all(optuna_study, spec, rows, console)
+            for line in stopped_workers(optuna_study):
+                console.print(line, style="red", markup=False, soft_wrap=True)
+    elif watch:  # each redraw reads the store afresh
+        overview.watch(console, lambda: overview.look(optuna_study, opened, spec, console.width, top, live=True),
+                       interval)
     else:
-        console = Console(width=max(160, Console().width))
-        report.render_table(optuna_study, spec, rows, console)
-        for line in stopped_workers(optuna_study):
-            console.print(line, style="red", markup=False, highlight=False)
+        console.print(overview.look(optuna_study, opened, spec, console.width, top), crop=False)
 
 
-@cli.command()
+@cli.command(help=f"""The config for the full run: the best config's params plus everything the spec fixes.
+
+Rule (written into the config as `rule`): {configs.RULE}. `sweeper enqueue --repeat K --top N` adds repeats.""")
 @store_option
 @study_option
 @click.option("--export", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the config to this file: JSON for a .json file, else TOML.")
 @click.option("--json", "as_json", is_flag=True, help="Print (or export) the config as JSON instead of TOML.")
-def best(store: str, study: str | None, export: Path | None, as_json: bool) -> None:
-    """The config for the full run: the best trial's params plus everything the spec fixes."""
+@click.option("--notebook", type=click.Choice(["colab", "kaggle", "local"]),
+              help="Instead, write the full-run notebook for this platform (to -o): train, merge, samples, push.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="The notebook file to write.")
+@click.option("--push-to", metavar="REPO", help="With --notebook: the Hub repo the notebook pushes the merged model to.")
+def best(store: str, study: str | None, export: Path | None, as_json: bool, notebook: str | None,
+         output: Path | None, push_to: str | None) -> None:
+    if notebook or output or push_to:
+        return _full_run_notebook(notebook, store, study, output, push_to)
     if export is not None:
         suffix = export.suffix.lower()
         if as_json and suffix == ".toml":
@@ -142,16 +203,91 @@ def best(store: str, study: str | None, export: Path | None, as_json: bool) -> N
         as_json = as_json or suffix == ".json"
         _folder_must_exist(export)
     _, optuna_study, spec = _open(store, study)
-    config = report.best_config(optuna_study, spec)
+    rows = report.trial_rows(optuna_study)
+    config = configs.full_run_config(optuna_study.study_name, spec, rows)
     text = json.dumps(config, indent=2) + "\n" if as_json else tomli_w.dumps(config)
     if export:
         try:
             export.write_text(text)
         except OSError as e:
             raise SweeperError(f"cannot write {export}: {e.strerror or e}") from None
-        err.print(f"best trial #{config['best_trial']} (eval loss {config['eval_loss']:.4f}) written to {export}")
+        runs = config["trials"]
+        what = (f"best trial #{runs[0]} (eval loss {config['eval_loss']:.4f})" if len(runs) == 1 else
+                f"best config: trials {', '.join(f'#{n}' for n in runs)} (mean eval loss {config['eval_loss']:.4f} "
+                f"± {config['eval_loss_std']:.4f})")
+        err.print(f"{what} written to {export}", markup=False, highlight=False)
     else:
         click.echo(text, nl=False)
+    for note in configs.best_notes(configs.group_configs(rows)):
+        err.print(f"note: {note}", style="yellow", markup=False, highlight=False)
+
+
+def _full_run_notebook(platform: str | None, store: str, study: str | None, output: Path | None,
+                       push_to: str | None) -> None:
+    """`best --notebook PLATFORM -o FILE`: the full-run notebook (sweeper/notebook.py render_full_run)."""
+    from sweeper import notebook
+
+    if not platform or not output:
+        raise UserError("give --notebook colab|kaggle|local and -o FILE together (--push-to goes with them)")
+    _folder_must_exist(output)
+    nb = notebook.render_full_run(platform, store, study, push_to=push_to)
+    notebook.write(nb, output)
+    if (warning := notebook.study_warning(store, study)) is not None:
+        err.print(warning, style="yellow", markup=False, highlight=False)
+    needed = notebook.secrets_needed(store) + (["HF_TOKEN"] if push_to else [])
+    err.print(f"wrote the full-run notebook {output} for {platform}"
+              + (f"; it reads the secrets {', '.join(needed)}" if needed else ""), markup=False, highlight=False)
+
+
+@cli.command(name="full-run")
+@store_option
+@study_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for checkpoints, adapter and merged model (default: the platform's checkpoint root/STUDY/"
+                   "full-run). Run again with the same folder to continue from its last checkpoint.")
+@click.option("--train-tokens", type=click.IntRange(min=1), metavar="N", help="Train on N tokens of the full data.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), metavar="E",
+              help="Train E passes over the full data (default: 1).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), metavar="N",
+              help="Optimizer steps between checkpoints (default: the sweep's).")
+@click.option("--push-to", metavar="REPO", help="Push the merged model to this Hugging Face Hub repo (token: HF_TOKEN).")
+@click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Prompts for the before/after samples, one a line (default: from the held-out data).")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), help="Override the automatic choice.")
+def full_run_command(store: str, study: str | None, out: Path | None, train_tokens: int | None, epochs: float | None,
+                     checkpoint_every: int | None, push_to: str | None, prompts: Path | None,
+                     precision: str | None) -> None:
+    """Train the best config on the full data, merge the adapter into the 16-bit base, sample before and after,
+    push to the Hub: the full run, through the same code a trial runs. A stopped run continues when run again."""
+    from runner.full_run import full_run, read_prompts
+
+    done = full_run(store, study, out=out, train_tokens=train_tokens, epochs=epochs, checkpoint_every=checkpoint_every,
+                    push_to=push_to, prompts=read_prompts(prompts) if prompts else None, precision=precision,
+                    log=lambda line: err.print(line, markup=False, highlight=False))
+    click.echo(json.dumps({"out": str(done.out), "best_trial": done.best_trial, "steps": done.steps,
+                           "resumed_from_step": done.resumed_from_step, "eval_loss": done.eval_loss,
+                           "adapter": str(done.adapter), "merged": str(done.merged), "pushed": done.pushed}))
+
+
+@cli.command()
+@click.argument("number", type=int)
+@store_option
+@study_option
+@click.option("--json", "as_json", is_flag=True, help="Print the trial as JSON.")
+def show(number: int, store: str, study: str | None, as_json: bool) -> None:
+    """One trial in full: params, seed, eval-loss and train-loss curves, checkpoint, worker, GPU, micro-batch,
+    versions, its resume chain and the other runs of its config."""
+    import shutil
+
+    from sweeper import show as shown
+
+    opened, optuna_study, spec = _open(store, study)
+    rows = report.trial_rows(optuna_study, opened, grace_s(*opened.lease_timing(spec.heartbeat_s)))
+    detail = shown.trial_detail(optuna_study, spec, rows, number)
+    if as_json:
+        click.echo(json.dumps(detail, indent=2, default=str))
+    else:
+        click.echo("\n".join(shown.render(detail, shutil.get_terminal_size().columns)))
 
 
 @cli.command()
@@ -197,7 +333,7 @@ def demo(folder: Path, trials: int) -> None:
     run_worker(store, spec.study, checkpoint_root=str(folder / "checkpoints"), account="demo",
                log=lambda line: err.print(line))
     opened, optuna_study, spec = _open(store, spec.study)
-    report.render_table(optuna_study, spec, report.trial_rows(optuna_study, opened), Console(width=max(160, Console().width)))
+    report.render_all(optuna_study, spec, report.trial_rows(optuna_study, opened), Console(highlight=False))
     click.echo(tomli_w.dumps(report.best_config(optuna_study, spec)))
     err.print(f"again: sweeper report --store {store}")
 
@@ -292,6 +428,84 @@ def stores() -> None:
     for backend in BACKENDS.values():
         lacks = backend.missing() if backend.missing else None
         click.echo(f"{backend.example:40} {backend.safe_for}" + (f"  (driver missing: {lacks})" if lacks else ""))
+
+
+# -- plot, accounts, dashboard: the sweep seen as figures, as GPU-hours per account, in optuna-dashboard ----------
+
+@cli.command()
+@store_option
+@study_option
+@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR",
+              help="Folder for the PNG files and plots.html (created if missing).")
+def plot(store: str, study: str | None, out: Path) -> None:
+    """Write the sweep's figures as PNG files and one HTML page.
+
+    Eval loss vs learning rate by batch size, every trial's learning curve, parallel coordinates, importances."""
+    from sweeper import plots
+
+    plots.check_out(out)
+    _, optuna_study, _ = _open(store, study)
+    written, skipped = plots.write_plots(optuna_study, out)
+    for line in skipped:
+        err.print(line, markup=False, highlight=False)
+    for path in written:
+        click.echo(path)
+
+
+@cli.command()
+@store_option
+@study_option
+@click.option("--weekly-hours", "weekly", multiple=True, metavar="[PLATFORM=]HOURS",
+              help="A weekly GPU-hour allowance per account, on every platform or on one (e.g. kaggle=30); repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def accounts(store: str, study: str | None, weekly: tuple[str, ...], as_json: bool) -> None:
+    """GPU-hours and trials per account and platform.
+
+    In all, per week and per day; with --weekly-hours, what is left of each account's allowance this week."""
+    from sweeper import accounts as usage
+
+    allowances = usage.parse_allowances(weekly)
+    _, optuna_study, spec = _open(store, study)
+    figures = usage.accounts(optuna_study, allowances, default_gpus=spec.gpus_per_trial)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+    else:
+        usage.render(figures, Console(highlight=False))
+
+
+@cli.command()
+@store_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: any free one).")
+def dashboard(store: str, host: str, port: int) -> None:
+    """Serve optuna-dashboard over the store, of any kind.
+
+    A Google Sheet or a Drive folder too, read as the workers read it. Ctrl-C stops."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from sweeper.plots import report_extra
+
+    optuna_dashboard = report_extra("optuna_dashboard")
+    opened = open_store(store)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # a line per request would bury the address
+            pass
+
+    # optuna_dashboard.run_server, but bound before the address is printed: a port in use is one line, port 0 works
+    try:
+        server = make_server(host, port, optuna_dashboard.wsgi(opened.storage), handler_class=Quiet)
+    except OSError as e:
+        raise SweeperError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    err.print(f"optuna-dashboard over the {opened.backend.scheme} store: http://{host}:{server.server_port}/dashboard/ "
+              "(Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def main() -> None:

@@ -107,6 +107,10 @@ class Heartbeat:
                 except Exception as e:  # noqa: BLE001  watching is a courtesy to the others; the trial goes on
                     self.log(f"watching the leases failed: {type(e).__name__}: {first_line(e)}")
 
+    def progress(self, step: int, total_steps: int) -> None:
+        """The trial's progress, written with the next beat (the report shows how far a running trial is)."""
+        self.lease = {**self.lease, "step": step, "total_steps": total_steps}  # one assignment: the beat reads whole
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()

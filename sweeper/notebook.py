@@ -72,6 +72,39 @@ def render(platform: str, store: str, study: str | None = None, *, account: str 
     return nb
 
 
+CARRIED_CELLS = ("sweeper-code", "install", "check")  # the runner notebook's: install and check this sweeper
+FULL_RUN_PARAMETERS = ("out", "train_tokens", "epochs", "checkpoint_every", "push_to", "prompts")
+
+
+def render_full_run(platform: str, store: str, study: str | None = None, *, install: str | None = None,
+                    allow_cpu: bool = False, **parameters) -> nbformat.NotebookNode:
+    """The full-run notebook (templates/full_run.ipynb): the platform's runner notebook lends its checks, metadata
+    and install cells (so it carries the same code), and Colab's last cell, which flushes Drive; `parameters` fill
+    the parameters cell (FULL_RUN_PARAMETERS). The Hub token is read from the secret HF_TOKEN, never written here."""
+    runner = render(platform, store, study, install=install, allow_cpu=allow_cpu)
+    nb = nbformat.reads(files("sweeper.templates").joinpath("full_run.ipynb").read_text(), as_version=4)
+    nb.metadata = runner.metadata
+    lent = {c.id: c for c in runner.cells}
+    nb.cells[2:2] = [lent[name] for name in CARRIED_CELLS]  # after the intro and the parameters
+    nb.cells += [lent["flush"]] if "flush" in lent else []
+    values = {name: parameters.get(name) for name in FULL_RUN_PARAMETERS}
+    runner_values = {k: v for k, v in _assigned(next(c for c in runner.cells if c.id == "parameters")).items()
+                      if k in ("store", "study", "install", "secrets", "allow_cpu")}
+    fill(nb, "parameters", values | runner_values,
+         {"store": f"  # {shown(store)}: read from the secret {STORE_SECRET}, never written here"}
+         if store_has_secret(store) else {})
+    nbformat.validate(nb)
+    return nb
+
+
+def _assigned(cell: nbformat.NotebookNode) -> dict:
+    """The values a rendered parameters cell sets (literals only: fill writes them with repr)."""
+    import ast
+
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body
+            if isinstance(node, ast.Assign)}
+
+
 def check_reachable(platform: str, store: str) -> None:
     """A Colab or Kaggle machine cannot open a file on this one, nor Kaggle a Drive folder."""
     if platform == "local":

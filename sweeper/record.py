@@ -19,6 +19,7 @@ RESUME_FROM = "resume_from"  # user attr: the checkpoint folder to resume from
 STALE_REASON = "stale_reason"  # user attr on a trial failed by a takeover
 TAKEOVER = "takeover"  # user attr beside it: the taking worker ("by"), its wall time ("at"), the silence it saw
 ORIGIN = "sweeper:origin"  # system attr, on stores whose trial numbers are each view's own (drive): its name
+SEED = "seed"  # user attr of a repeat (sweeper enqueue --repeat): its train.seed; without it, the spec's
 FIXED_PARAMS = "fixed_params"  # Optuna's system attr: an enqueued trial's params until it runs
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts against the budget
 

@@ -1,29 +1,21 @@
-"""Where a sweep stands: the trial table (rich, JSON, CSV) and the best config for the full run."""
+"""Every trial of a sweep: its rows, as a table (`report --all`), JSON and CSV; and the best config for the full run."""
 
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
-from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from rich.cells import cell_len, set_cell_size
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.measure import Measurement
-from rich.segment import Segment, Segments
-from rich.style import Style
-from rich.table import Table
-from rich.text import Text
+from rich.cells import cell_len
+from rich.console import Console
 
-from sweeper.errors import SweeperError
+from sweeper import configs
 from sweeper.leases import chains, lease_note
 from sweeper.record import RESULT, STALE_REASON, WORKER, fail_reason, params_of
-from sweeper.spec import SweepSpec, drop_none
+from sweeper.spec import SweepSpec
 from sweeper.storage import Store, gc_paused
 
 # Columns shown from a trial's WORKER and RESULT attrs (sweeper/record.py): (key, header).
@@ -35,15 +27,17 @@ ATTR_COLUMNS = [
     ("account", "account"),
     ("checkpoint", "checkpoint"),
 ]
-STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
+# What `--all` takes out of a row that does not fit, in order: numbers are left out, texts go on lines below.
+TAKE_OUT = ["tok/s", "wall s", "steps", "note", "checkpoint", "GPU", "account"]
 
 
-def trial_rows(study: optuna.Study, store: Store | None = None, grace_s: float | None = None) -> list[dict[str, Any]]:
+def trial_rows(study: optuna.Study, store: Store | None = None, grace_s: float | None = None,
+               trials: list[FrozenTrial] | None = None) -> list[dict[str, Any]]:
     """One plain dict per trial, in trial-number order: what every output format is made from. The store the
     study was opened from adds its notes (on a drive store, two workers that ran one enqueued point); with the
-    lease grace, a running trial's note gives its lease's age."""
+    lease grace, a running trial's note gives its lease's age. trials: the study's, if already loaded."""
     with gc_paused():  # an RDB store builds every trial here
-        trials = study.get_trials(deepcopy=False)
+        trials = study.get_trials(deepcopy=False) if trials is None else trials
         rows = [_row(t) for t in trials]
     if grace_s is not None:
         for t in trials:
@@ -86,8 +80,8 @@ def _eval_loss(t: FrozenTrial) -> float | None:
 
 
 def best_number(rows: list[dict[str, Any]]) -> int | None:
-    complete = [r for r in rows if r["state"] == "COMPLETE" and r["eval_loss"] is not None]
-    return min(complete, key=lambda r: r["eval_loss"])["number"] if complete else None
+    """The best config's best complete run, by the rule in sweeper/configs.py (which accounts for repeats)."""
+    return configs.best_number(rows)
 
 
 def summary(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
@@ -97,30 +91,52 @@ def summary(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]]) ->
     finished = counts["COMPLETE"] + counts["PRUNED"]
     best = best_number(rows)
     best_text = f"best #{best}: {next(r for r in rows if r['number'] == best)['eval_loss']:.4f}" if best is not None else "no complete trial yet"
-    sources = _attr_sources(rows)  # a trial on two GPUs at once used two GPU-hours an hour
-    gpu_hours = sum((s or 0) * (g or 1) for s, g in zip(_attr_column(sources, "wall_time_s"), _attr_column(sources, "gpus"))) / 3600
     parts = [f"{k.lower()} {v}" for k, v in counts.items() if v]
-    return f"study {study.study_name}: {finished}/{spec.n_trials} finished ({', '.join(parts) or 'no trials'}); {best_text}; {gpu_hours:.2f} GPU-hours"
+    return f"study {study.study_name}: {finished}/{spec.n_trials} finished ({', '.join(parts) or 'no trials'}); {best_text}; {gpu_hours(rows):.2f} GPU-hours"
 
 
-def render_table(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]], console: Console,
-                 fast: bool = True) -> None:
-    """The trial table, the best trial in bold green. fast=False draws it a rich row per trial: the
-    same text, at about 2 ms a trial (the reference the fast path is tested against)."""
-    headers, right, columns = _table_columns(spec, rows)
-    styles = [STATE_STYLE.get(r["state"], "") for r in rows]
-    best = best_number(rows)
-    best_index = next((i for i, r in enumerate(rows) if r["number"] == best), None)
+def gpu_hours(rows: list[dict[str, Any]]) -> float:
+    """What the trials used, from their wall times: a trial on two GPUs at once used two GPU-hours an hour."""
+    sources = _attr_sources(rows)
+    return sum((s or 0) * (g or 1) for s, g in zip(_attr_column(sources, "wall_time_s"), _attr_column(sources, "gpus"))) / 3600
 
-    def new_table() -> Table:
-        table = Table(title=summary(study, spec, rows), title_justify="left")
-        for header in headers:
-            table.add_column(header, justify="right" if header in right else "left")
-        return table
 
-    with gc_paused():  # the trials just loaded are all young: a collection now would walk every one
-        if not (fast and rows and _print_fast(console, new_table(), columns, styles, best_index)):
-            console.print(_row_per_trial(new_table(), columns, styles, best_index))
+def render_all(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]], console: Console) -> None:
+    """Every trial, fitted to the console's width: a plain fixed-width table written directly (rich would lay out
+    5,000 rows at about 1.5 ms each). No cell is ever cropped: where the row does not fit, columns are taken out
+    in TAKE_OUT's order, a number left out (it is in --csv), a text shown whole on a line of its own below."""
+    console.print(summary(study, spec, rows), soft_wrap=True, markup=False, highlight=False)
+    with gc_paused():  # the cells all live until printed
+        headers, right, columns = _table_columns(spec, rows)
+        columns = [c if "".join(c).isprintable() else [printable(cell) for cell in c] for c in columns]
+        widths = [max(map(len if "".join(c).isascii() else cell_len, [h, *c])) for h, c in zip(headers, columns)]
+        inline, below = list(range(len(headers))), []
+        for header in TAKE_OUT:  # until the row fits, 2 cells between columns
+            if sum(widths[i] + 2 for i in inline) - 2 <= console.width:
+                break
+            inline.remove(headers.index(header))
+            if header in ("GPU", "account", "checkpoint", "note"):
+                below.append(headers.index(header))
+        below.sort()
+
+        def fit(text: str, i: int) -> str:
+            pad = " " * (widths[i] - (len(text) if text.isascii() else cell_len(text)))
+            return pad + text if headers[i] in right else text + pad
+
+        console.print("  ".join(fit(headers[i], i) for i in inline).rstrip(), style="bold", markup=False,
+                      highlight=False, soft_wrap=True)
+        lines = []
+        for r in range(len(rows)):
+            lines.append("  ".join(fit(columns[i][r], i) for i in inline).rstrip())
+            lines.extend(f"{' ' * (widths[0] + 2)}{headers[i]}: {columns[i][r]}" for i in below if columns[i][r])
+        if lines:
+            console.file.write("\n".join(lines) + "\n")
+            console.file.flush()
+
+
+def printable(text: str) -> str:
+    """A cell as one line the terminal shows as written: no newline or escape code of the data's own."""
+    return "".join(ch if ch.isprintable() else " " for ch in text)
 
 
 def _table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[list[str], set[str], list[list[str]]]:
@@ -132,10 +148,10 @@ def _table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[list[st
     columns = [
         [str(r["number"]) for r in rows],
         [r["state"].lower() for r in rows],
-        *([_fmt(r["params"].get(name)) for r in rows] for name in param_names),
+        *([fmt(r["params"].get(name)) for r in rows] for name in param_names),
         ["" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}" + (
             f" @{r['last_eval']}" if r["state"] == "PRUNED" and r["last_eval"] is not None else "") for r in rows],
-        *(list(map(_fmt, _attr_column(sources, key))) for key, _ in ATTR_COLUMNS),
+        *(list(map(fmt, _attr_column(sources, key))) for key, _ in ATTR_COLUMNS),
         [r["note"] for r in rows],
     ]
     return headers, right, columns
@@ -150,107 +166,8 @@ def _attr_column(sources: list[tuple[dict[str, Any], dict[str, Any]]], key: str)
     return [result[key] if key in result else worker.get(key) for result, worker in sources]
 
 
-def _row_per_trial(table: Table, columns: list[list[str]], styles: list[str], best_index: int | None) -> Table:
-    """The table as rich draws it, a rich row per trial. Cells are Text, never markup: an account
-    "[lab]" or a path holding ":smile:" shows as written."""
-    for i, row in enumerate(zip(*columns)):
-        state = Text(row[1])
-        state.stylize(styles[i])  # a span over the word, as markup "[red]fail[/]" gave
-        table.add_row(Text(row[0]), state, *map(Text, row[2:]), style="bold green" if i == best_index else None)
-    return table
-
-
-class _ColumnWidth:
-    """Stands in for a whole column in a one-row table: measures as its cells would, and records
-    the width rich then gives it."""
-
-    def __init__(self, cells: list[str], lengths: list[int], measure: Callable[[str], int], spaces: bool) -> None:
-        # Text's own measure: (longest word, longest line), or the line's length when it has no word.
-        words = (max(map(measure, c.split()), default=n) if " " in c else n for c, n in zip(cells, lengths))
-        self.measurement = Measurement(max(words) if spaces else max(lengths), max(lengths))
-        self.width: int | None = None
-
-    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        return self.measurement
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        self.width = options.max_width
-        yield Segment("")
-
-
-def _print_fast(console: Console, table: Table, columns: list[list[str]], styles: list[str],
-                best_index: int | None) -> bool:
-    """Print what _row_per_trial would, at a fraction of its cost (rich spends about 2 ms a trial:
-    10 s for 5,000). Rich still draws the title, header and borders of `table` (empty, given a
-    one-row stand-in) and picks every width; the rows are written here. False, printing nothing,
-    where a cell would wrap onto a second line or is not plain printable text: rich handles those."""
-    texts = ["\n".join(column) for column in columns]
-    if not all(_plain_lines(text) for text in texts):
-        return False
-    is_ascii = [text.isascii() for text in texts]  # then a character is a cell
-    measures = [len if a else cell_len for a in is_ascii]
-    lengths = [list(map(m, column)) for m, column in zip(measures, columns)]
-    stand_ins = [_ColumnWidth(c, n, m, " " in text) for c, n, m, text in zip(columns, lengths, measures, texts)]
-    table.add_row(*stand_ins)
-    lines = console.render_lines(table, console.options, pad=False)
-    widths = [s.width for s in stand_ins]
-    if any(w is None or w < 1 for w in widths):
-        return False
-
-    fitted = []
-    for column, n_cells, width, a, column_def in zip(columns, lengths, widths, is_ascii, table.columns):
-        right = column_def.justify == "right"
-        if a and max(n_cells) <= width:
-            fitted.append(list(map(str.rjust if right else str.ljust, column, itertools.repeat(width))))
-            continue
-        fitted_column = []
-        for cell, n in zip(column, n_cells):
-            if n <= width:
-                fitted_column.append(" " * (width - n) + cell if right else cell + " " * (width - n))
-            elif " " in cell:  # (plain cells hold no other whitespace)
-                return False  # rich would wrap it over two lines
-            else:
-                fitted_column.append(set_cell_size(cell, width - 1) + "…")  # as rich crops a long word
-        fitted.append(fitted_column)
-
-    # The stand-in row (second-last line) gives the rules: "|" + (pad, cell, pad) + "|" + ... + "|".
-    rule_line = "".join(seg.text for seg in lines[-2])
-    border = lines[-2][0].style
-    rules = [rule_line[i] for i in itertools.accumulate((w + 3 for w in widths), initial=0)]
-    plain_rules = not border and len(set(rules[1:-1])) == 1
-    new_line = Segment.line()
-    state_styles = {name: console.get_style(name) if name else None for name in set(styles)}
-    best_style = console.get_style("bold green")
-    states = [s.rstrip(" ") for s in fitted[1]]  # column 1: only the state word is coloured, not its padding
-    sep = f" {rules[1]} "
-    rests = map(sep.join, zip(*fitted[2:]))
-
-    segments = [seg for line in lines[:-2] for seg in (*line, new_line)]
-    for i, (number, state_cell, state, rest) in enumerate(zip(fitted[0], fitted[1], states, rests)):
-        state_style = state_styles[styles[i]]
-        if plain_rules and i != best_index:  # three segments make the row
-            segments += (Segment(f"{rules[0]} {number}{sep}"), Segment(state, state_style),
-                         Segment(f"{state_cell[len(state):]}{sep}{rest} {rules[-1]}"), new_line)
-            continue
-        row_style = best_style if i == best_index else None
-        segments += (Segment(rules[0], border), Segment(f" {number} ", row_style), Segment(rules[1], border),
-                     Segment(" ", row_style), Segment(state, Style.combine([row_style or Style(), state_style or Style()])),
-                     Segment(f"{state_cell[len(state):]} ", row_style))
-        for k in range(2, len(fitted)):
-            segments += (Segment(rules[k], border), Segment(f" {fitted[k][i]} ", row_style))
-        segments += (Segment(rules[-1], border), new_line)
-    segments += (*lines[-1], new_line)
-    console.print(Segments(segments), crop=False)  # every line fits: rich's crop pass would only cost time
-    return True
-
-
-def _plain_lines(text: str) -> bool:
-    """True when every line is printable text with no space at either end (and no other whitespace)."""
-    return text.replace("\n", "").isprintable() and not (
-        text.startswith(" ") or text.endswith(" ") or " \n" in text or "\n " in text)
-
-
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A param or attr value as the report shows it: floats to 4 significant digits, None as nothing."""
     if type(value) is str:
         return value
     if value is None:
@@ -283,22 +200,5 @@ def _csv_cell(value: Any) -> Any:
 
 
 def best_config(study: optuna.Study, spec: SweepSpec) -> dict[str, Any]:
-    """The full-run config: the best trial's params over everything the spec fixes."""
-    rows = trial_rows(study)
-    number = best_number(rows)
-    if number is None:
-        raise SweeperError(f"study {study.study_name!r} has no complete trial yet")
-    best = next(r for r in rows if r["number"] == number)
-    config = {
-        "study": study.study_name,
-        "best_trial": number,
-        "eval_loss": best["eval_loss"],
-        "model": asdict(spec.model),
-        "data": asdict(spec.data),
-        "train": asdict(spec.trial_config(best["params"])),
-        "budget_per_trial": asdict(spec.budget),
-    }
-    measured = {k: v for k, v in info(best).items() if k in ("micro_batch", "grad_accum", "gpus", "gpu", "precision")}
-    if measured:
-        config["measured_on_best_trial"] = measured
-    return drop_none(config)
+    """The full-run config: the best config's params over everything the spec fixes (sweeper/configs.py)."""
+    return configs.full_run_config(study.study_name, spec, trial_rows(study))

@@ -149,10 +149,11 @@ class SweepSpec:
     budget: BudgetSpec
     train: TrainSpec = field(default_factory=TrainSpec)
     space: dict[str, ParamSpec] = field(default_factory=default_space)
-    n_trials: int = 20
-    """Trials to finish (complete or pruned) before workers stop."""
+    n_trials: int = 30
+    """Trials to finish (complete or pruned) before workers stop. The defaults of n_trials, sampler, pruner and
+    budget.evals are those bench/sweep_efficiency.py picks (BENCHMARKS.md, Sweep efficiency)."""
     sampler: Literal["tpe", "random", "grid", "qmc"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner: Literal["median", "hyperband", "none"] = "hyperband"
     seed: int = 0
     """Sampler seed."""
     heartbeat_s: float = 60

@@ -15,9 +15,10 @@ from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from sweeper.configs import ConfigGroup, config_key, trial_seeds
 from sweeper.errors import SweeperError, UserError, first_line
 from sweeper.spec import TUNABLE, SweepSpec, spec_from_dict
-from sweeper.record import FIXED_PARAMS
+from sweeper.record import FIXED_PARAMS, RESUMES, SEED, params_of
 from sweeper.storage import Store, open_store, redact, store_lock
 
 SPEC_ATTR = "sweeper_spec"
@@ -131,8 +132,16 @@ def make_sampler(spec: SweepSpec, worker_seed: int | None = None) -> optuna.samp
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler({n: p.grid_values() for n, p in spec.space.items()}, seed=seed)
+        return _AskTellGridSampler({n: p.grid_values() for n, p in spec.space.items()}, seed=seed)
     return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler without its stop at the last grid point: that calls study.stop(), which raises outside
+    study.optimize, and workers ask and tell. The study's budget (n_trials) ends the sweep, as with every sampler."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
@@ -148,8 +157,8 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
 
 
 def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
-    """The trial's params from the spec's space."""
-    params = {}
+    """The trial's params from the spec's space, and for a repeat (sweeper enqueue --repeat) its own train.seed."""
+    params: dict[str, Any] = {}
     for name, p in spec.space.items():
         if p.choices is not None:
             params[name] = trial.suggest_categorical(name, p.choices)
@@ -157,6 +166,13 @@ def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
             params[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
         else:
             params[name] = trial.suggest_float(name, p.low, p.high, log=p.log)
+    seed = trial.user_attrs.get(SEED)
+    if seed is None and RESUMES in trial.user_attrs:  # a resume of a repeat: the seed of the trial it continues
+        seed = trial_seeds(trial.study.get_trials(deepcopy=False)).get(trial.number)
+        if seed is not None:
+            trial.set_user_attr(SEED, seed)  # so that its own resume finds it one step back
+    if seed is not None:
+        params["seed"] = seed  # not an Optuna param: the sampler and the report see the config, not its seed
     return params
 
 
@@ -246,3 +262,26 @@ def enqueue(study: optuna.Study, store: Store, points: list[dict[str, Any]]) -> 
             present.append(point)
             added.append(point)
     return added
+
+
+def enqueue_repeats(study: optuna.Study, store: Store, spec: SweepSpec, configs: list[ConfigGroup],
+                    k: int) -> list[tuple[dict[str, Any], int]]:
+    """Give each config K repeats, seeded train.seed + 1 .. + K; a repeat already waiting, running or finished is
+    not enqueued again (a failed one is). Returns the (params, seed) enqueued.
+
+    Workers stop at the budget (spec.n_trials), so repeats that would not all fit in what is left of it are
+    refused whole, before any is enqueued; the check and the enqueue happen under the store's lock."""
+    seeds = range(spec.train.seed + 1, spec.train.seed + k + 1)
+    with store_lock(store.url), _store_errors(store.url):
+        trials = study.get_trials(deepcopy=False)
+        seed_of = trial_seeds(trials)
+        present = {(config_key(params_of(t)), seed_of[t.number]) for t in trials if t.state != TrialState.FAIL}
+        wanted = [(c.params, s) for c in configs for s in seeds if (config_key(c.params), s) not in present]
+        taken = sum(t.state != TrialState.FAIL for t in trials)  # finished, running, or queued ahead of ours
+        if wanted and len(wanted) > spec.n_trials - taken:
+            raise UserError(f"the study's budget of {spec.n_trials} trials has room for {max(0, spec.n_trials - taken)} "
+                            f"more ({taken} finished, running or queued), not the {len(wanted)} repeats asked: workers "
+                            "stop at the budget; raise n_trials in the sweep file and run sweeper init --overwrite")
+        for params, seed in wanted:
+            study.enqueue_trial(params, user_attrs={SEED: seed})
+    return wanted

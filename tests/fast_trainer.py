@@ -1,9 +1,10 @@
 """A worker process whose trials take a second, for coordination tests: `python tests/fast_trainer.py --store URL ...`.
 
-It runs the real `runner.run_worker` loop (leases, claims, pruning, telling, drive shards, sheet views) with
-runner.train's trainer swapped for a small deterministic one: the eval loss is a smooth function of the
-params, each step sleeps STEP_S, a checkpoint (JSON) is written every CHECKPOINT_EVERY steps and on a
-stop request, and a trial resumes from the latest one in its folder. Arguments are `sweeper worker`'s.
+It runs the real `runner.run_worker` loop (leases, claims, pruning, telling, drive shards, sheet views) with this
+module as its trainer (`run_worker(..., trainer=fast_trainer)`), a small deterministic one: the eval loss is a
+smooth function of the params, each step sleeps STEP_S, a checkpoint (JSON) is written every CHECKPOINT_EVERY
+steps and on a stop request, and a trial resumes from the latest one in its folder. Arguments are `sweeper
+worker`'s.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import types
-from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 STEPS = int(os.environ.get("FAST_TRAINER_STEPS", 8))
@@ -37,8 +37,22 @@ def checkpoint(trial_dir: Path, step: int, params: dict, eval_losses: list[float
     return path
 
 
+def quiet_libraries() -> None:
+    pass  # no libraries, no chatter
+
+
 def prepare_data(spec):
     return SimpleNamespace(train=[0] * 16, eval=[0] * 4)
+
+
+@dataclass
+class BaseModel:
+    """What a worker keeps across its trials (runner.model.BaseModel): here, the trials it served."""
+
+    trials: list[str] = field(default_factory=list)
+
+
+result_attrs = asdict
 
 
 @dataclass
@@ -61,9 +75,11 @@ class Preempted(Exception):
 
 
 def run_trial(spec, params, trial_dir, sweep_data, report=None, *, device=None, precision=None, log=print, stop=None,
-              progress=None):
+              progress=None, base=None):
     started = time.perf_counter()
     trial_dir = Path(trial_dir)
+    if base is not None:
+        base.trials.append(trial_dir.name)
     trial_dir.mkdir(parents=True, exist_ok=True)
     done = sorted(trial_dir.glob("step-*.json"))
     state = json.loads(done[-1].read_text()) if done else {"step": 0, "eval_losses": []}
@@ -92,22 +108,18 @@ def run_trial(spec, params, trial_dir, sweep_data, report=None, *, device=None, 
                        checkpoint=str(trial_dir), resumed_from_step=resumed_from)
 
 
-def as_runner_train() -> types.ModuleType:
-    """This trainer in the shape of runner.train, for sys.modules: no torch to import (2 s a process)."""
-    trainer = types.ModuleType("runner.train")
-    trainer.__dict__.update(prepare_data=prepare_data, run_trial=run_trial, quiet_libraries=lambda: None,
-                            result_attrs=asdict, Preempted=Preempted)
-    return trainer
-
-
 def main() -> None:
-    """`sweeper worker` with this module as runner.train, and no GPU to look for."""
+    """`sweeper worker` (its arguments, its last line of JSON) with this module as the trainer, and no GPU to look
+    for."""
     import runner.platform
-    from sweeper.cli import cli
+    from runner.worker import run_worker
+    from sweeper.cli import worker
 
-    sys.modules["runner.train"] = as_runner_train()
-    runner.platform.gpu_info = lambda: ("cpu", 0, 0.0)
-    cli.main(["worker", *sys.argv[1:]], prog_name="sweeper")
+    runner.platform.gpu_info = lambda: ("cpu", 0, 0.0)  # no torch to import (2 s a process)
+    options = worker.make_context("worker", sys.argv[1:]).params
+    summary = run_worker(options.pop("store"), options.pop("study"), **options, trainer=sys.modules[__name__],
+                         log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps({"worker": summary.worker_id, "trials": summary.trials, "stop_reason": summary.stop_reason}))
 
 
 if __name__ == "__main__":

@@ -251,8 +251,8 @@ def test_report_csv_has_the_header_and_one_row_per_trial(with_trials):
     assert by_name[3]["fail_reason"] == "RuntimeError: CUDA out of memory" and by_name[3]["eval_loss"] == ""
 
 
-def test_report_table_shows_the_summary_and_every_trial(with_trials):
-    result = sweeper("report", "--store", with_trials)
+def test_report_all_shows_the_summary_and_every_trial(with_trials):
+    result = sweeper("report", "--store", with_trials, "--all")
     assert result.exit_code == 0
     out = result.stdout
     assert "study demo: 3/6 finished (running 1, complete 2, pruned 1, fail 1); best #1: 1.2000" in out

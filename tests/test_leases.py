@@ -211,14 +211,14 @@ def test_the_session_deadline_mid_trial_checkpoints_and_hands_the_trial_over(tmp
     import runner.worker
     from runner import run_worker
 
-    monkeypatch.setitem(sys.modules, "runner.train", fast_trainer.as_runner_train())
     monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
     monkeypatch.setattr(runner.worker, "DEADLINE_MARGIN_S", 2.0)  # "5 minutes before the end", scaled down
     monkeypatch.setattr(fast_trainer, "STEP_S", 0.4)  # a 3.2 s trial, in a session with 4 s left
     (tmp_path / "sweep.toml").write_text(tomli_w.dumps(spec_table))
     url = f"sqlite:///{tmp_path / 's.db'}"
     assert sweeper("init", tmp_path / "sweep.toml", "--store", url).exit_code == 0
-    summary = run_worker(url, checkpoint_root=str(tmp_path / "c"), deadline_hours=4.0 / 3600, log=lambda line: None)
+    summary = run_worker(url, checkpoint_root=str(tmp_path / "c"), deadline_hours=4.0 / 3600, log=lambda line: None,
+                         trainer=fast_trainer)
     assert summary.trials == [0] and summary.stop_reason.startswith("the session deadline is")
     trials = optuna.load_study(study_name="demo", storage=open_storage(url)).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]

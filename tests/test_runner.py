@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -213,26 +214,98 @@ def test_worker_does_not_start_a_trial_past_the_session_deadline(demo_dir, tmp_p
 
 
 def test_chunked_loss_equals_the_models_own_loss_and_gradients(demo_dir, sweep_data, monkeypatch):
-    from runner import train
+    from runner import step
+    from runner.train import load_model
 
     spec = small_spec(demo_dir)
-    model = train.load_model(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32)
-    batch = {k: v[:4] for k, v in train.to_tensors(sweep_data.train).items()}
-    n_items = train.label_count(batch["labels"])
+    model = load_model(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32)
+    batch = {k: v[:4] for k, v in step.to_tensors(sweep_data.train).items()}
+    n_items = step.label_count(batch["labels"])
 
     def loss_and_grads():
         model.zero_grad()
-        loss = train.forward_loss(model, batch, torch.device("cpu"), torch.float32, n_items)
+        loss = step.forward_loss(model, batch, torch.device("cpu"), torch.float32, n_items)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    monkeypatch.setattr(train, "LOSS_CHUNK_TOKENS", 100)  # several chunks, one of them ragged
+    monkeypatch.setattr(step, "LOSS_CHUNK_TOKENS", 100)  # several chunks, one of them ragged
     chunked, chunked_grads = loss_and_grads()
-    monkeypatch.setattr(train, "CHUNKED_LOSS_MODELS", set())
+    monkeypatch.setattr(step, "CHUNKED_LOSS_MODELS", set())
     plain, plain_grads = loss_and_grads()
     torch.testing.assert_close(chunked, plain)
     for a, b in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The base loaded once per worker: each trial gets fresh adapters, and ends as it would on a fresh load.
+
+
+class Failed(Exception):
+    pass
+
+
+def adapter_weights(result) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(Path(result.checkpoint) / "adapter_model.safetensors")
+
+
+def test_a_trial_on_a_base_kept_from_earlier_trials_ends_bit_identical_to_one_on_a_fresh_load(demo_dir, tmp_path):
+    from runner.train import BaseModel, result_attrs
+
+    spec = small_spec(demo_dir, train_tokens=3_000, evals=2, checkpoint_every=100)
+    data = prepare_data(spec)
+    base = BaseModel()
+
+    def fail_at_first_eval(k, loss):
+        raise Failed("the trial before fails mid-way")
+
+    with pytest.raises(Failed):  # another learning rate, and its adapters left mid-step by an error
+        run_trial(spec, {**PARAMS, "learning_rate": 3e-3}, tmp_path / "before", data, fail_at_first_eval,
+                  base=base, log=lambda s: None)
+    loaded_once = base.model
+    kept = run_trial(spec, PARAMS, tmp_path / "kept", data, base=base, log=lambda s: None)
+    fresh = run_trial(spec, PARAMS, tmp_path / "fresh", data, log=lambda s: None)
+
+    assert base.model is loaded_once  # not loaded again
+    assert not [name for name, _ in base.model.named_modules() if "lora" in name]  # adapters off between trials
+    assert kept.steps == fresh.steps > 1 and kept.eval_losses == fresh.eval_losses
+    kept_weights, fresh_weights = adapter_weights(kept), adapter_weights(fresh)
+    assert kept_weights.keys() == fresh_weights.keys()
+    assert all(torch.equal(kept_weights[k], fresh_weights[k]) for k in kept_weights)
+    assert kept.fused_kernels is False and result_attrs(kept)["fused_kernels"] is False  # no fused kernels on a CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU memory: on a CUDA device")
+def test_trials_on_a_kept_base_give_back_the_gpu_memory_they_allocated(demo_dir, tmp_path):
+    import gc
+
+    from runner.train import BaseModel
+
+    spec = small_spec(demo_dir, train_tokens=4_000, evals=1, checkpoint_every=100)
+    data, base, levels = prepare_data(spec), BaseModel(), []
+    for i in range(3):
+        run_trial(spec, PARAMS, tmp_path / f"t{i}", data, base=base, device="cuda", log=lambda s: None)
+        gc.collect()
+        levels.append(torch.cuda.memory_allocated())
+    print(f"GPU memory allocated after each trial: {levels} bytes")
+    assert levels[0] == levels[1] == levels[2]  # the base alone: nothing of a trial stays behind
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="Liger Kernel: on a CUDA device, with the `liger` extra installed")
+def test_fused_kernels_give_the_losses_of_the_unfused_path_within_fp16_tolerance(demo_dir, tmp_path, monkeypatch):
+    from runner import model
+
+    spec = small_spec(demo_dir, train_tokens=4_000, evals=2, checkpoint_every=100)
+    data = prepare_data(spec)
+    with monkeypatch.context() as m:  # unfused first: Liger's RoPE patches the modeling module for good
+        m.setattr(model, "LIGER_MODELS", set())
+        plain = run_trial(spec, PARAMS, tmp_path / "plain", data, device="cuda", precision="fp16", log=lambda s: None)
+    fused = run_trial(spec, PARAMS, tmp_path / "fused", data, device="cuda", precision="fp16", log=lambda s: None)
+    assert (plain.fused_kernels, fused.fused_kernels) == (False, True)
+    torch.testing.assert_close(torch.tensor(fused.eval_losses), torch.tensor(plain.eval_losses), rtol=1e-2, atol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,27 +323,28 @@ def four_bit_layers(model) -> list:
 
 
 def step_gradients(model, batch, n_items: int) -> list[torch.Tensor]:
-    from runner import train
+    from runner.step import forward_loss
 
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # the same dropout draws
-    train.forward_loss(model, batch, torch.device("cpu"), torch.float32, n_items).backward()
+    forward_loss(model, batch, torch.device("cpu"), torch.float32, n_items).backward()
     return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
 @pytest.fixture
 def qlora_model(demo_dir, sweep_data):
-    from runner import train
+    from runner.step import to_tensors
+    from runner.train import load_model
 
     spec = small_spec(demo_dir)
-    model = train.load_model(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32)
-    batch = {k: v[:4] for k, v in train.to_tensors(sweep_data.train).items()}
-    return model, batch, train.to_tensors(sweep_data.eval), spec.trial_config(PARAMS)
+    model = load_model(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32)
+    batch = {k: v[:4] for k, v in to_tensors(sweep_data.train).items()}
+    return model, batch, to_tensors(sweep_data.eval), spec.trial_config(PARAMS)
 
 
 def test_an_eval_leaves_the_lora_gradients_of_a_training_step_bit_identical(qlora_model):
-    from runner.train import evaluate, label_count
+    from runner.step import evaluate, label_count
 
     model, batch, evalset, _ = qlora_model
     before = step_gradients(model, batch, label_count(batch["labels"]))
@@ -280,7 +354,7 @@ def test_an_eval_leaves_the_lora_gradients_of_a_training_step_bit_identical(qlor
 
 
 def test_no_4bit_layer_is_left_in_the_cpu_inference_format_after_an_eval(qlora_model):
-    from runner.train import evaluate
+    from runner.step import evaluate
 
     model, _, evalset, _ = qlora_model
     evaluate(model, evalset, 8, torch.device("cpu"), torch.float32)
@@ -291,7 +365,9 @@ def test_no_4bit_layer_is_left_in_the_cpu_inference_format_after_an_eval(qlora_m
 def test_an_eval_and_a_checkpoint_leave_the_4bit_base_weights_bit_identical(qlora_model, tmp_path):
     from bitsandbytes.functional import dequantize_4bit
 
-    from runner.train import evaluate, make_optimizer, save_checkpoint
+    from runner.checkpoints import save_checkpoint
+    from runner.model import make_optimizer
+    from runner.step import evaluate
 
     def base_weights():
         return [dequantize_4bit(m.weight.data, m.weight.quant_state) for m in four_bit_layers(model)]
@@ -315,7 +391,7 @@ def test_bitsandbytes_8bit_optimizers_train(demo_dir, sweep_data, tmp_path, opti
 
 
 def test_a_micro_batch_without_labels_backpropagates_a_zero_loss():
-    from runner.train import chunked_cross_entropy
+    from runner.step import chunked_cross_entropy
 
     hidden = torch.randn(1, 5, 8, requires_grad=True)
     head = torch.nn.Linear(8, 11, bias=False)

@@ -179,7 +179,8 @@ def test_space_defaults_to_log_learning_rate_and_batch_sizes_8_16_32(spec_table)
 def test_minimal_spec_takes_every_documented_default():
     spec = spec_from_dict({"study": "s", "model": {"id": "m"}, "data": {"source": "d.jsonl"},
                            "budget": {"train_examples": 100}})
-    assert (spec.sampler, spec.pruner, spec.n_trials, spec.seed) == ("tpe", "median", 20, 0)
+    assert (spec.sampler, spec.pruner, spec.n_trials, spec.seed) == ("tpe", "hyperband", 30, 0)
+    assert spec.budget.evals == 8
     assert spec.model.quantize == "nf4" and spec.model.target_modules == "all-linear"
     assert spec.train.learning_rate == 2e-4 and spec.train.batch_size == 16
     assert spec.data.text_field == "text" and spec.data.packing is True
@@ -223,3 +224,18 @@ def test_trial_config_overrides_fixed_values_with_the_trials_params(spec_table):
     spec: SweepSpec = spec_from_dict(spec_table)
     config = spec.trial_config({"learning_rate": 5e-4, "batch_size": 8})
     assert (config.learning_rate, config.batch_size, config.lora_r, config.lora_alpha) == (5e-4, 8, 8, 16.0)
+
+
+def test_the_grid_sampler_lets_workers_tell_the_last_point_of_the_grid(spec_table):
+    """Optuna's GridSampler calls study.stop() after the last point, which raises outside study.optimize."""
+    import optuna
+
+    from sweeper.study import make_sampler, suggest
+
+    spec = spec_from_dict({**spec_table, "sampler": "grid",
+                           "space": {"batch_size": {"choices": [8, 16]}, "learning_rate": {"choices": [1e-4]}}})
+    study = optuna.create_study(sampler=make_sampler(spec))
+    for _ in range(2):
+        trial = study.ask()
+        study.tell(trial, suggest(trial, spec)["batch_size"] / 10)
+    assert sorted(t.params["batch_size"] for t in study.trials) == [8, 16]

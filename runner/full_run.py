@@ -1,0 +1,326 @@
+"""The full run: the study's best config trained on the full data through the trial code, continued from its own
+checkpoints after a restart; then the adapter saved, merged into the 16-bit base, sample generations before and
+after, and a push to the Hugging Face Hub when asked (the popular Colab QLoRA workshop flow, resumable).
+
+Everything lands in one folder on the platform's lasting disk (Drive on Colab, /kaggle/working on Kaggle):
+    checkpoints/   step-NNNNNN/ as a trial writes them: a restart continues from the last
+    adapter/       the LoRA adapter and the tokenizer
+    merged/        the base with the adapter merged in, 16-bit (fp32 on the CPU), and the tokenizer
+    full_run.json  the config it trains; generations.json  the samples before and after
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import gc
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sweeper.errors import SweeperError, UserError, first_line
+from sweeper.spec import BudgetSpec, SweepSpec
+
+TOKEN_SECRET = "HF_TOKEN"  # the name huggingface_hub itself reads, and the secret a notebook holds it in
+SAMPLE_PROMPTS = 3
+MAX_NEW_TOKENS = 32  # short: the samples show a difference, they are not an evaluation
+
+
+class Stopped(SweeperError):
+    """The run stopped early (session deadline, SIGTERM, Ctrl-C) after a checkpoint: running it again continues."""
+
+
+@dataclass
+class FullRunResult:
+    out: Path
+    best_trial: int
+    steps: int
+    total_steps: int
+    resumed_from_step: int
+    eval_loss: float | None
+    adapter: Path
+    merged: Path
+    generations: list[dict[str, str]] = field(default_factory=list)
+    """{prompt, before, after} per sample prompt."""
+    pushed: str | None = None
+    """The Hub repo's URL, when pushed."""
+
+
+def full_run(store: str, study: str | None = None, *, out: str | Path | None = None, train_tokens: int | None = None,
+             epochs: float | None = None, checkpoint_every: int | None = None, push_to: str | None = None,
+             prompts: list[str] | None = None, precision: str | None = None, allow_cpu: bool = False,
+             log: Callable[[str], None] = print) -> FullRunResult:
+    """Train the best config of `study` on the full data (train_tokens, or epochs: 1 when neither), merge, sample
+    before and after, push to `push_to`. A folder that holds this run's checkpoints is continued, not restarted."""
+    from runner.platform import detect, require_gpu
+    from runner.progress import TrialBar, watched
+    from runner.train import Preempted, prepare_data, quiet_libraries, run_trial
+    from runner.worker import StopRequest
+    from sweeper.report import best_config
+    from sweeper.storage import open_store
+    from sweeper.study import load_study
+
+    if train_tokens is not None and epochs is not None:
+        raise UserError("give --train-tokens or --epochs, not both")
+    quiet_libraries()
+    platform = detect()
+    require_gpu(platform, allow_cpu)
+    optuna_study, spec = load_study(open_store(store), study)
+    config = best_config(optuna_study, spec)
+    params = config["train"]
+    out = Path(out).expanduser() if out else platform.checkpoint_root / spec.study / "full-run"
+
+    tokenizer, eval_prompts, train_docs = read_data(spec)
+    budget = BudgetSpec(train_tokens=train_tokens,
+                        train_examples=None if train_tokens else max(1, round((epochs or 1) * train_docs)),
+                        evals=spec.budget.evals, checkpoint_every=checkpoint_every or spec.budget.checkpoint_every)
+    full = dataclasses.replace(spec, budget=budget)
+    claim_folder(out, {"study": spec.study, "best_trial": config["best_trial"], "params": params,
+                       "budget": dataclasses.asdict(budget)})
+    token, repo_id = prepare_push(push_to) if push_to else (None, None)  # before hours of training, not after
+    log(f"full run of study {spec.study!r}: best trial #{config['best_trial']} (eval loss {config['eval_loss']:.4f}), "
+        f"learning rate {params['learning_rate']:.3g}, batch size {params['batch_size']}; "
+        + (f"{train_tokens:,} tokens" if train_tokens else f"{epochs or 1:g} epoch(s) of {train_docs:,} examples")
+        + f"; into {out}")
+
+    sweep_data = prepare_data(full)
+    bar = TrialBar(0) if watched() else None
+    if bar is not None:
+        bar.label = "full run"  # not one of the study's trials
+    stop = StopRequest(platform)
+    try:
+        with stop.signals():
+            result = run_trial(full, params, out / "checkpoints", sweep_data, None, precision=precision, stop=stop,
+                               **({"progress": bar, "log": bar.above(log)} if bar is not None else {"log": log}))
+    except Preempted as e:
+        raise Stopped(f"{e.reason}: stopped at {e.checkpoint}; run the full run again to continue from there") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    log(f"trained {result.steps} steps" + (f" (continued from step {result.resumed_from_step})"
+                                            if result.resumed_from_step else "")
+        + (f": eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+    gc.collect()  # the 4-bit training model goes before the 16-bit one comes
+
+    adapter = save_adapter(Path(result.checkpoint), tokenizer, out / "adapter")
+    samples = [sample_prompt(p, spec) for p in prompts] if prompts else eval_prompts
+    merged, generations = merge(spec, adapter, tokenizer, samples, out / "merged", precision)
+    write(out / "generations.json", json.dumps(generations, indent=2) + "\n")
+    for g in generations:
+        log(f"prompt: {g['prompt']!r}\n  before: {g['before']!r}\n  after:  {g['after']!r}")
+    log(f"adapter: {adapter}\nmerged model: {merged}")
+    done = FullRunResult(out, config["best_trial"], result.steps, result.total_steps, result.resumed_from_step,
+                         result.eval_loss, adapter, merged, generations)
+    if repo_id:
+        done.pushed = push(merged, repo_id, token, f"sweeper full run of study {spec.study}, best trial "
+                                                   f"#{config['best_trial']}")
+        log(f"pushed to {done.pushed}")
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder, the data and the prompts
+
+
+def claim_folder(out: Path, run: dict[str, Any]) -> None:
+    """Write what this folder trains; a folder holding another config's checkpoints is refused, never mixed."""
+    record = out / "full_run.json"
+    if record.is_file():
+        held = json.loads(record.read_text())
+        if held != json.loads(json.dumps(run)):
+            raise UserError(f"{out} holds the full run of another config (best trial #{held.get('best_trial')}, "
+                            f"budget {held.get('budget')}): give another --out, or delete {out} to start over")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty and holds no full run: give another --out")
+    write(record, json.dumps(run, indent=2) + "\n")
+
+
+def read_data(spec: SweepSpec) -> tuple[Any, list[str], int]:
+    """(tokenizer, sample prompts from the held-out split, training examples in the data).
+
+    The same documents and split as runner.train.prepare_data, which tokenizes again: an epoch is counted in the
+    documents it keeps, and a sample prompt is an eval document's prompt (chat data) or its first half (text)."""
+    from transformers import AutoTokenizer
+
+    from runner import data as D
+    from runner.hub import cannot_load, check_model_source
+
+    check_model_source(spec.model.id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.model.id)
+    except (OSError, ValueError) as e:
+        raise cannot_load("tokenizer", spec.model.id, e) from None
+    docs = D.tokenize(D.load_records(spec.data), tokenizer, spec.data, spec.model.max_seq_len)
+    train, held_out = D.split_eval(docs, spec.data.eval_examples, spec.train.seed)
+    prompts = []
+    for doc in held_out[:SAMPLE_PROMPTS]:
+        ids = [t for t, label in zip(doc.input_ids, doc.labels) if label == D.IGNORE]  # a chat example's prompt
+        ids = ids or doc.input_ids[: max(1, len(doc.input_ids) // 2)]
+        prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return tokenizer, prompts, len(train)
+
+
+def sample_prompt(prompt: str, spec: SweepSpec) -> str:
+    """A prompt a user gives, in the format the model was trained on (chat data: the same instruction format)."""
+    if spec.data.prompt_field is None:
+        return prompt
+    from transformers import AutoTokenizer
+
+    from runner.data import _prompt_text  # the one place that format is made
+
+    return _prompt_text(AutoTokenizer.from_pretrained(spec.model.id), prompt)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line of a text file; blank lines skipped."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompts from {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not any(lines):
+        raise UserError(f"{path} holds no prompt (one a line)")
+    return [line for line in lines if line]
+
+
+def write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
+def cannot_write(path: Path, e: BaseException) -> SweeperError:
+    """One line for a failed write; a full disk says so (safetensors reports it as its own error, not OSError)."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "StorageFull" in str(e):
+        return SweeperError(f"disk full writing {path}: free some space, or give --out on a disk that has it")
+    return SweeperError(f"cannot write {path}: {getattr(e, 'strerror', None) or first_line(e)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter, merge, samples
+
+
+def save_adapter(checkpoint: Path, tokenizer, folder: Path) -> Path:
+    """The last checkpoint's adapter (what peft's save_pretrained wrote there) and the tokenizer, in a folder."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(checkpoint / name, tmp / name)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)  # a folder that is there is whole
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise cannot_write(folder, e) from None
+    return folder
+
+
+def merge(spec: SweepSpec, adapter: Path, tokenizer, prompts: list[str], folder: Path,
+          precision: str | None = None) -> tuple[Path, list[dict[str, str]]]:
+    """The base loaded unquantized in 16-bit (fp32 on the CPU), sampled; the adapter merged in (peft's
+    merge_and_unload), sampled again, saved with the tokenizer. Returns (folder, [{prompt, before, after}])."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from runner.train import pick_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dtype = pick_precision(device, precision)
+    model = AutoModelForCausalLM.from_pretrained(spec.model.id, dtype=dtype, device_map={"": device})
+    before = [generate(model, tokenizer, p) for p in prompts]
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    after = [generate(model, tokenizer, p) for p in prompts]
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except Exception as e:  # noqa: BLE001  OSError, or safetensors' own error for the same failures
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise cannot_write(folder, e) from None
+    return folder, [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+
+
+def generate(model, tokenizer, prompt: str) -> str:
+    """Greedy and short: the continuation only."""
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face Hub
+
+
+def prepare_push(repo: str) -> tuple[str, str]:
+    """(token, repo id) for a push, settled before any training: HF_TOKEN from the environment or the platform's
+    secret, checked with the Hub, and the repo created (private; an existing one is kept as it is). Never printed."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from sweeper.platforms import how_to_add_secret, platform_secret
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise UserError(f"--push-to {repo!r} is not a Hub repo id (like your-name/model-name): {first_line(e)}") from None
+    token = os.environ.get(TOKEN_SECRET) or platform_secret(TOKEN_SECRET)
+    if not token:
+        raise UserError(f"pushing to {repo} needs a Hugging Face token with write access: "
+                        f"{how_to_add_secret(TOKEN_SECRET)}, then run again")
+    api = HfApi(token=token)
+    try:
+        role = api.whoami(cache=True).get("auth", {}).get("accessToken", {}).get("role")
+        if role == "read":
+            raise UserError(f"the Hugging Face token in {TOKEN_SECRET} is a read token: pushing to {repo} needs one "
+                            "with write access (huggingface.co/settings/tokens)")
+        repo_id = api.create_repo(repo, private=True, exist_ok=True).repo_id
+    except SweeperError:
+        raise
+    except Exception as e:  # noqa: BLE001  refused, or no network: one line either way
+        raise hub_error(e, repo) from None
+    return token, repo_id
+
+
+def push(folder: Path, repo_id: str, token: str, message: str) -> str:
+    """Upload the folder to the repo in one commit; the repo's URL."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # a bar per file would bury the run's own lines
+    try:
+        HfApi(token=token).upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    except Exception as e:  # noqa: BLE001  refused, or no network: one line either way
+        raise hub_error(e, repo_id) from None
+    return f"{constants.ENDPOINT}/{repo_id}"
+
+
+def hub_error(e: Exception, repo: str) -> SweeperError:
+    """One line for what the Hub said (or that it could not be reached); a refusal is the user's to fix."""
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    said = (response.headers.get("X-Error-Message") or "").strip() if response is not None else ""  # the Hub's words
+    said = f": {said.splitlines()[0]}" if said else ""
+    if status in (401, 403):
+        return UserError(f"the Hugging Face Hub refused the push to {repo} ({status}{said}): the token in "
+                         f"{TOKEN_SECRET} must be valid and may write to that namespace")
+    if status is not None:
+        return SweeperError(f"the Hugging Face Hub answered {status} for {repo}{said or ': ' + first_line(e)}")
+    return SweeperError(f"cannot reach the Hugging Face Hub for {repo}: {first_line(e)}")
