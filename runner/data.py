@@ -201,8 +201,8 @@ class SweepData:
     eval: Batchable
 
 
-def prepare_data(spec: SweepSpec) -> SweepData:
-    """Tokenize the dataset once per sweep: every trial trains on the same sequences."""
+def documents(spec: SweepSpec) -> tuple[Any, list[Doc], list[Doc]]:
+    """(tokenizer, train documents, held-out documents): the dataset tokenized and split, as every trial sees it."""
     from transformers import AutoTokenizer
 
     check_model_source(spec.model.id)  # the worker's first look at the model: one clear line if it is not there
@@ -210,10 +210,16 @@ def prepare_data(spec: SweepSpec) -> SweepData:
         tokenizer = AutoTokenizer.from_pretrained(spec.model.id)
     except (OSError, ValueError) as e:
         raise cannot_load("tokenizer", spec.model.id, e) from None
+    docs = tokenize(load_records(spec.data), tokenizer, spec.data, spec.model.max_seq_len)
+    return (tokenizer, *split_eval(docs, spec.data.eval_examples, spec.train.seed))
+
+
+def prepare_data(spec: SweepSpec, docs: tuple[Any, list[Doc], list[Doc]] | None = None) -> SweepData:
+    """Tokenize the dataset once per sweep: every trial trains on the same sequences. docs: documents(spec) where
+    the caller has them already (the full run counts its epochs in them)."""
+    tokenizer, train_docs, eval_docs = docs or documents(spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seq_len, seed = spec.model.max_seq_len, spec.train.seed
-    docs = tokenize(load_records(spec.data), tokenizer, spec.data, seq_len)
-    train_docs, eval_docs = split_eval(docs, spec.data.eval_examples, seed)
     budget = budget_docs(train_docs, seq_len, seed, spec.budget.train_tokens, spec.budget.train_examples)
     layout = pack if spec.data.packing else pad_each
     return SweepData(tokenizer, layout(budget, seq_len, pad_id), layout(eval_docs, seq_len, pad_id))

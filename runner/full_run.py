@@ -58,7 +58,8 @@ def full_run(store: str, study: str | None = None, *, out: str | Path | None = N
     before and after, push to `push_to`. A folder that holds this run's checkpoints is continued, not restarted."""
     from runner.platform import detect, require_gpu
     from runner.progress import TrialBar, watched
-    from runner.train import Preempted, prepare_data, quiet_libraries, run_trial
+    from runner.data import documents, prepare_data
+    from runner.train import Preempted, quiet_libraries, run_trial
     from runner.worker import StopRequest
     from sweeper.report import best_config
     from sweeper.storage import open_store
@@ -71,23 +72,30 @@ def full_run(store: str, study: str | None = None, *, out: str | Path | None = N
     require_gpu(platform, allow_cpu)
     optuna_study, spec = load_study(open_store(store), study)
     config = best_config(optuna_study, spec)
-    params = config["train"]
     out = Path(out).expanduser() if out else platform.checkpoint_root / spec.study / "full-run"
 
-    tokenizer, eval_prompts, train_docs = read_data(spec)
+    docs = documents(spec)  # tokenized once: an epoch is counted in these documents, and they are trained on
+    tokenizer, train_docs, eval_docs = docs
     budget = BudgetSpec(train_tokens=train_tokens,
-                        train_examples=None if train_tokens else max(1, round((epochs or 1) * train_docs)),
+                        train_examples=None if train_tokens else max(1, round((epochs or 1) * len(train_docs))),
                         evals=spec.budget.evals, checkpoint_every=checkpoint_every or spec.budget.checkpoint_every)
     full = dataclasses.replace(spec, budget=budget)
-    claim_folder(out, {"study": spec.study, "best_trial": config["best_trial"], "params": params,
-                       "budget": dataclasses.asdict(budget)})
+    run = claim_folder(out, {"study": spec.study, "best_trial": config["best_trial"], "params": config["train"],
+                             "budget": dataclasses.asdict(budget)})
+    best_trial, params = run["best_trial"], run["params"]
     token, repo_id = prepare_push(push_to) if push_to else (None, None)  # before hours of training, not after
-    log(f"full run of study {spec.study!r}: best trial #{config['best_trial']} (eval loss {config['eval_loss']:.4f}), "
-        f"learning rate {params['learning_rate']:.3g}, batch size {params['batch_size']}; "
-        + (f"{train_tokens:,} tokens" if train_tokens else f"{epochs or 1:g} epoch(s) of {train_docs:,} examples")
+    picked = params == json.loads(json.dumps(config["train"]))
+    log(f"full run of study {spec.study!r}: best trial #{best_trial}"
+        + (f" (eval loss {config['eval_loss']:.4f})" if picked else "")
+        + f", learning rate {params['learning_rate']:.3g}, batch size {params['batch_size']}; "
+        + (f"{train_tokens:,} tokens" if train_tokens else f"{epochs or 1:g} epoch(s) of {len(train_docs):,} examples")
         + f"; into {out}")
+    if not picked:
+        log(f"the study's best has moved since this full run started: now trial #{config['best_trial']} (eval loss "
+            f"{config['eval_loss']:.4f}); {out} continues the config it started with (another --out trains the new "
+            "best)")
 
-    sweep_data = prepare_data(full)
+    sweep_data = prepare_data(full, docs)
     bar = TrialBar(0) if watched() else None
     if bar is not None:
         bar.label = "full run"  # not one of the study's trials
@@ -107,17 +115,17 @@ def full_run(store: str, study: str | None = None, *, out: str | Path | None = N
     gc.collect()  # the 4-bit training model goes before the 16-bit one comes
 
     adapter = save_adapter(Path(result.checkpoint), tokenizer, out / "adapter")
-    samples = [sample_prompt(p, spec) for p in prompts] if prompts else eval_prompts
+    samples = ([sample_prompt(p, spec, tokenizer) for p in prompts] if prompts
+               else eval_prompts(tokenizer, eval_docs, spec))
     merged, generations = merge(spec, adapter, tokenizer, samples, out / "merged", precision)
     write(out / "generations.json", json.dumps(generations, indent=2) + "\n")
     for g in generations:
         log(f"prompt: {g['prompt']!r}\n  before: {g['before']!r}\n  after:  {g['after']!r}")
     log(f"adapter: {adapter}\nmerged model: {merged}")
-    done = FullRunResult(out, config["best_trial"], result.steps, result.total_steps, result.resumed_from_step,
+    done = FullRunResult(out, best_trial, result.steps, result.total_steps, result.resumed_from_step,
                          result.eval_loss, adapter, merged, generations)
     if repo_id:
-        done.pushed = push(merged, repo_id, token, f"sweeper full run of study {spec.study}, best trial "
-                                                   f"#{config['best_trial']}")
+        done.pushed = push(merged, repo_id, token, f"sweeper full run of study {spec.study}, best trial #{best_trial}")
         log(f"pushed to {done.pushed}")
     return done
 
@@ -126,54 +134,54 @@ def full_run(store: str, study: str | None = None, *, out: str | Path | None = N
 # The folder, the data and the prompts
 
 
-def claim_folder(out: Path, run: dict[str, Any]) -> None:
-    """Write what this folder trains; a folder holding another config's checkpoints is refused, never mixed."""
-    record = out / "full_run.json"
+def claim_folder(out: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """The run this folder trains: the one recorded in it (its config, even where the study's best has moved since:
+    its checkpoints are that config's), else `run`, recorded. Another study's run, or another budget, is refused."""
+    record, run = out / "full_run.json", json.loads(json.dumps(run))
     if record.is_file():
-        held = json.loads(record.read_text())
-        if held != json.loads(json.dumps(run)):
-            raise UserError(f"{out} holds the full run of another config (best trial #{held.get('best_trial')}, "
-                            f"budget {held.get('budget')}): give another --out, or delete {out} to start over")
-        return
+        try:
+            held = json.loads(record.read_text())
+        except (OSError, ValueError):
+            held = None
+        if not (isinstance(held, dict) and run.keys() <= held.keys() and isinstance(held["budget"], dict)):
+            raise UserError(f"{record} is not a full run's record: give another --out, or delete {out} to start over")
+        study, budget = held["study"], held["budget"]
+        if study != run["study"]:
+            raise UserError(f"{out} holds the full run of study {study!r}: give another --out")
+        if budget != run["budget"]:
+            differs = "; ".join(f"{k} {budget.get(k)}, asked {v}" for k, v in run["budget"].items()
+                                if budget.get(k) != v)
+            raise UserError(f"{out} holds a full run with another budget ({differs}): give the --epochs, "
+                            f"--train-tokens and --checkpoint-every it started with, another --out, or delete {out} "
+                            "to start over")
+        return held
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty and holds no full run: give another --out")
     write(record, json.dumps(run, indent=2) + "\n")
+    return run
 
 
-def read_data(spec: SweepSpec) -> tuple[Any, list[str], int]:
-    """(tokenizer, sample prompts from the held-out split, training examples in the data).
+def eval_prompts(tokenizer, held_out: list, spec: SweepSpec) -> list[str]:
+    """Sample prompts from the held-out split, exactly as training fed them: a chat example's prompt (its template's
+    special tokens kept), or a text document's first half."""
+    from runner.data import IGNORE
 
-    The same documents and split as runner.train.prepare_data, which tokenizes again: an epoch is counted in the
-    documents it keeps, and a sample prompt is an eval document's prompt (chat data) or its first half (text)."""
-    from transformers import AutoTokenizer
-
-    from runner import data as D
-    from runner.hub import cannot_load, check_model_source
-
-    check_model_source(spec.model.id)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.model.id)
-    except (OSError, ValueError) as e:
-        raise cannot_load("tokenizer", spec.model.id, e) from None
-    docs = D.tokenize(D.load_records(spec.data), tokenizer, spec.data, spec.model.max_seq_len)
-    train, held_out = D.split_eval(docs, spec.data.eval_examples, spec.train.seed)
+    chat = spec.data.prompt_field is not None
     prompts = []
     for doc in held_out[:SAMPLE_PROMPTS]:
-        ids = [t for t, label in zip(doc.input_ids, doc.labels) if label == D.IGNORE]  # a chat example's prompt
+        ids = [t for t, label in zip(doc.input_ids, doc.labels) if label == IGNORE] if chat else []
         ids = ids or doc.input_ids[: max(1, len(doc.input_ids) // 2)]
-        prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return tokenizer, prompts, len(train)
+        prompts.append(tokenizer.decode(ids, skip_special_tokens=not chat))  # text: generate() adds them back
+    return prompts
 
 
-def sample_prompt(prompt: str, spec: SweepSpec) -> str:
+def sample_prompt(prompt: str, spec: SweepSpec, tokenizer) -> str:
     """A prompt a user gives, in the format the model was trained on (chat data: the same instruction format)."""
     if spec.data.prompt_field is None:
         return prompt
-    from transformers import AutoTokenizer
-
     from runner.data import _prompt_text  # the one place that format is made
 
-    return _prompt_text(AutoTokenizer.from_pretrained(spec.model.id), prompt)
+    return _prompt_text(tokenizer, prompt)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -238,9 +246,10 @@ def merge(spec: SweepSpec, adapter: Path, tokenizer, prompts: list[str], folder:
         torch.cuda.empty_cache()
     dtype = pick_precision(device, precision)
     model = AutoModelForCausalLM.from_pretrained(spec.model.id, dtype=dtype, device_map={"": device})
-    before = [generate(model, tokenizer, p) for p in prompts]
+    chat = spec.data.prompt_field is not None
+    before = [generate(model, tokenizer, p, chat) for p in prompts]
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    after = [generate(model, tokenizer, p) for p in prompts]
+    after = [generate(model, tokenizer, p, chat) for p in prompts]
     tmp = folder.with_name(f".{folder.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,11 +263,17 @@ def merge(spec: SweepSpec, adapter: Path, tokenizer, prompts: list[str], folder:
     return folder, [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
 
 
-def generate(model, tokenizer, prompt: str) -> str:
+def prompt_inputs(tokenizer, prompt: str, chat: bool):
+    """A prompt's tokens as runner.data.tokenize makes them: a chat prompt is templated text, special tokens and all
+    (nothing added); a text document gets what the tokenizer adds (a BOS)."""
+    return tokenizer(prompt, add_special_tokens=not chat, return_tensors="pt")
+
+
+def generate(model, tokenizer, prompt: str, chat: bool) -> str:
     """Greedy and short: the continuation only."""
     import torch
 
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    inputs = prompt_inputs(tokenizer, prompt, chat).to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad)
@@ -287,7 +302,7 @@ def prepare_push(repo: str) -> tuple[str, str]:
                         f"{how_to_add_secret(TOKEN_SECRET)}, then run again")
     api = HfApi(token=token)
     try:
-        role = api.whoami(cache=True).get("auth", {}).get("accessToken", {}).get("role")
+        role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
         if role == "read":
             raise UserError(f"the Hugging Face token in {TOKEN_SECRET} is a read token: pushing to {repo} needs one "
                             "with write access (huggingface.co/settings/tokens)")

@@ -111,8 +111,11 @@ class BaseModel:
     def lora(self, spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: torch.dtype) -> Iterator:
         key = (spec.model.id, spec.model.quantize, str(device), dtype)
         if key != self.key:
-            self.model = self.key = None
-            free_memory(device)
+            self.model = self.key = None  # the old base goes with the last trial's leftovers, just below
+        # The last trial's optimizer, scaler and checkpoint saver lived in run_trial's frame, which outlived our
+        # finally: only now are they unreachable, so free them here, before this trial allocates.
+        free_memory(device)
+        if self.model is None:
             self.model = load_base(spec, device, dtype)
             self.fused, self.key = use_fused_kernels(self.model, device), key
         set_checkpointing(self.model, spec.model.gradient_checkpointing)  # a trial may have turned it on or off
@@ -123,8 +126,6 @@ class BaseModel:
             model.unload()  # the LoRA layers replaced by the base layers they wrapped
             if hasattr(self.model, "peft_config"):
                 del self.model.peft_config  # peft's note on the base; left, the next trial's adapters warn
-            del model
-            free_memory(device)
 
 
 def free_memory(device: torch.device) -> None:

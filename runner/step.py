@@ -100,10 +100,6 @@ def set_checkpointing(model, on: bool) -> None:
         base.disable_input_require_grads()
 
 
-def enable_checkpointing(model) -> None:
-    set_checkpointing(model, True)
-
-
 def choose_micro_batch(model, tensors, batch_size: int, device, dtype, log: Callable[[str], None] = print) -> int:
     """The fastest micro-batch (a power of two dividing the batch) that fits this GPU.
 

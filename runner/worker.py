@@ -29,7 +29,7 @@ from runner.progress import TrialBar, watched
 from sweeper.errors import StoreChanged, SweeperError, first_line
 from sweeper.leases import (Heartbeat, Watcher, grace_s, hand_over, record_worker_stop, superseded,
                             take_over_stale)
-from sweeper.record import FINISHED, RESULT, RESUME_FROM, RESUMES, WORKER, result_of, trial_key, worker_of
+from sweeper.record import FINISHED, RESULT, RESUME_FROM, RESUMES, SEED, WORKER, result_of, trial_key, worker_of
 from sweeper.spec import SweepSpec
 from sweeper.storage import open_store
 from sweeper.study import load_study, suggest
@@ -209,12 +209,15 @@ def run_one_trial(session: Session, trial: optuna.Trial, params: dict[str, Any])
     resumed (preempted). Raises StoreChanged and UpdateFinishedTrialError (the trial taken over) to the loop, and
     SweeperError when MAX_FAILURES_IN_A_ROW trials failed in a row."""
     s, study, log = session, session.study, session.log
+    # A repeat (and a resume of one: suggest gave it the seed) runs to the end: only complete runs enter its
+    # config's mean and the pooled noise, so pruning unlucky seeds would make both come out too low.
+    repeat = SEED in trial.user_attrs
 
     def report(k: int, loss: float) -> bool:
         s.check_place(trial)
         trial.report(loss, k)
         s.views(trial.number)
-        return trial.should_prune()
+        return not repeat and trial.should_prune()
 
     trial_dir = s.platform.checkpoint_root / study.study_name / _trial_folder(study, trial)
     lease = {"worker": s.summary.worker_id, "account": s.platform.account, "platform": s.platform.name,

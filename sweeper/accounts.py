@@ -1,9 +1,9 @@
 """GPU-hours and trials per account label and platform, per day and per week, from the trials' own records.
 
 A trial counts on the day its worker started it (datetime_start, on the worker's clock: UTC on Colab and Kaggle);
-weeks are ISO weeks, Monday to Sunday. A trial's GPU-hours are its RESULT's wall_time_s x gpus; a trial that
-recorded none (failed, preempted, still running) counts from its start to its end, or for a running or
-taken-over trial to its last heartbeat. Only time inside trials counts: a platform's own meter also counts
+weeks are ISO weeks, Monday to Sunday. A trial's GPU-hours (trial_gpu_hours, which the report sums too) are its
+RESULT's wall_time_s x gpus; a trial that recorded none (failed, preempted, still running) counts from its start
+to its end, or for a running or taken-over trial to its last heartbeat. Only time inside trials counts: a platform's own meter also counts
 model loading and idle time, so its figure is the higher one.
 """
 
@@ -37,6 +37,27 @@ def parse_allowances(values: tuple[str, ...] | list[str]) -> dict[str | None, fl
     return allowances
 
 
+def trial_gpu_hours(t: FrozenTrial, default_gpus: int = 1, now: dt.datetime | None = None) -> float:
+    """What one trial used: its RESULT's wall_time_s x gpus; without one (failed, preempted, running), from its start
+    to its end, or for a running or taken-over trial to its last heartbeat, on the worker's own clock where the
+    lease says when the trial began (a reader in another time zone would skew a naive start time)."""
+    if t.datetime_start is None:
+        return 0.0
+    result = result_of(t)
+    gpus = result.get("gpus") or default_gpus
+    if isinstance(result.get("wall_time_s"), (int, float)):
+        return float(result["wall_time_s"]) * gpus / 3600
+    lease = lease_of(t)
+    beat, since = lease.get("at"), lease.get("since")
+    if t.state == TrialState.RUNNING or STALE_REASON in t.user_attrs:  # alive, or until it went silent
+        if isinstance(beat, (int, float)) and isinstance(since, (int, float)):
+            return max(0.0, beat - since) * gpus / 3600  # both on the worker's clock
+        end = dt.datetime.fromtimestamp(beat) if isinstance(beat, (int, float)) else now or dt.datetime.now()
+    else:
+        end = t.datetime_complete or now or dt.datetime.now()
+    return max(0.0, (end - t.datetime_start).total_seconds()) * gpus / 3600
+
+
 def trial_usage(trials: list[FrozenTrial], default_gpus: int = 1, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     """One record per trial that started: number, account, platform, gpu, state, day, week, gpu_hours."""
     now = now or dt.datetime.now()
@@ -44,22 +65,13 @@ def trial_usage(trials: list[FrozenTrial], default_gpus: int = 1, now: dt.dateti
     for t in trials:
         if t.datetime_start is None:  # enqueued, never run
             continue
-        worker, result = worker_of(t), result_of(t)
-        gpus = result.get("gpus") or default_gpus
-        if isinstance(result.get("wall_time_s"), (int, float)):
-            seconds = float(result["wall_time_s"])
-        else:
-            beat = lease_of(t).get("at")
-            if t.state == TrialState.RUNNING or STALE_REASON in t.user_attrs:  # alive, or until it went silent
-                end = dt.datetime.fromtimestamp(beat) if isinstance(beat, (int, float)) else now
-            else:
-                end = t.datetime_complete or now
-            seconds = max(0.0, (end - t.datetime_start).total_seconds())
+        worker = worker_of(t)
         year, week, _ = t.datetime_start.isocalendar()
         usage.append({
             "number": t.number, "account": str(worker.get("account") or UNKNOWN),
             "platform": str(worker.get("platform") or UNKNOWN), "gpu": worker.get("gpu"), "state": t.state.name,
-            "day": t.datetime_start.date().isoformat(), "week": f"{year}-W{week:02d}", "gpu_hours": seconds * gpus / 3600,
+            "day": t.datetime_start.date().isoformat(), "week": f"{year}-W{week:02d}",
+            "gpu_hours": trial_gpu_hours(t, default_gpus, now),
         })
     return usage
 

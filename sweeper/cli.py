@@ -282,8 +282,9 @@ def show(number: int, store: str, study: str | None, as_json: bool) -> None:
     from sweeper import show as shown
 
     opened, optuna_study, spec = _open(store, study)
-    rows = report.trial_rows(optuna_study, opened, grace_s(*opened.lease_timing(spec.heartbeat_s)))
-    detail = shown.trial_detail(optuna_study, spec, rows, number)
+    trials = optuna_study.get_trials(deepcopy=False)  # one read: a trial landing meanwhile is in both or neither
+    rows = report.trial_rows(optuna_study, opened, grace_s(*opened.lease_timing(spec.heartbeat_s)), trials=trials)
+    detail = shown.trial_detail(optuna_study, spec, trials, rows, number)
     if as_json:
         click.echo(json.dumps(detail, indent=2, default=str))
     else:
@@ -500,6 +501,9 @@ def dashboard(store: str, host: str, port: int) -> None:
         raise SweeperError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     err.print(f"optuna-dashboard over the {opened.backend.scheme} store: http://{host}:{server.server_port}/dashboard/ "
               "(Ctrl-C stops)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: optuna-dashboard has no login: anyone who reaches {host}:{server.server_port} can change "
+                  "or delete the study's trials", style="yellow", markup=False, highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

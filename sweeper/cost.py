@@ -20,7 +20,8 @@ TYPICAL_TOKENS_PER_S = {
 
 def expected_cost(spec: SweepSpec, study: optuna.Study) -> str:
     """The sweep's GPU-hours, n_trials x tokens per trial / tokens per second per GPU: from the study's complete trials
-    on each GPU type when it has some, else from TYPICAL_TOKENS_PER_S. Pruned trials cost less: an upper bound."""
+    on each GPU type when it has some, else from TYPICAL_TOKENS_PER_S. tokens/s is the training steps' own speed, so
+    this is training time at the full budget: evaluation and loading add to it, pruning takes from it."""
     speeds: dict[str, list[float]] = {}
     tokens = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -42,4 +43,4 @@ def expected_cost(spec: SweepSpec, study: optuna.Study) -> str:
                 for gpu, (tps, source) in TYPICAL_TOKENS_PER_S.items()]
         each.append("T4, P100, L4, A100: no typical speed shipped; measured once a trial there completes "
                     "(sweeper init --overwrite)")
-    return f"{head}: " + "; ".join(each) + "; pruned trials stop early, so this is the most it costs"
+    return f"{head}: " + "; ".join(each) + "; training steps only: evaluation and loading add to it, pruned trials take less"

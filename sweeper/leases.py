@@ -9,7 +9,8 @@ Optuna's own heartbeat is RDB-only and runs only inside study.optimize (DESIGN.m
   machines can make a live trial stale; a worker that just joined waits the whole grace first. A worker
   keeps watching the leases while it trains (its heartbeat thread reads them after each beat), so the
   first worker to ask after the grace takes a dead trial over. The beat also carries the writer's wall
-  time ("at"), for the report's lease age only.
+  time ("at") and when the trial began on that clock ("since"), for the report's lease age and GPU-hours only,
+  and the trial's step of total steps.
 - `take_over` fails a stale trial (the store lets exactly one writer finish a trial; a second taker's
   write is refused) and enqueues its params again with RESUME_FROM naming its checkpoint folder and
   RESUMES the trial it continues; the worker that pops it resumes from that checkpoint.
@@ -79,7 +80,8 @@ class Heartbeat:
 
     def __init__(self, storage: Any, trial_id: int, lease: dict[str, Any], interval_s: float,
                  log: Callable[[str], None] = print, watch: Callable[[], None] | None = None):
-        self.storage, self.trial_id, self.lease, self.interval_s, self.log = storage, trial_id, lease, interval_s, log
+        self.storage, self.trial_id, self.interval_s, self.log = storage, trial_id, interval_s, log
+        self.lease = {**lease, "since": time.time()}  # when this run of the trial began, on the writer's clock
         self.watch = watch
         self.beats = 0
         self._stop = threading.Event()

@@ -13,6 +13,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from sweeper import configs
+from sweeper.accounts import trial_gpu_hours
 from sweeper.leases import chains, lease_note
 from sweeper.record import RESULT, STALE_REASON, WORKER, fail_reason, params_of
 from sweeper.spec import SweepSpec
@@ -59,6 +60,7 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "last_eval": max(t.intermediate_values, default=None),
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        "gpu_hours": trial_gpu_hours(t),
         "user_attrs": dict(t.user_attrs),
         "note": fail_reason(t) or t.user_attrs.get(STALE_REASON, ""),
     }
@@ -96,9 +98,9 @@ def summary(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]]) ->
 
 
 def gpu_hours(rows: list[dict[str, Any]]) -> float:
-    """What the trials used, from their wall times: a trial on two GPUs at once used two GPU-hours an hour."""
-    sources = _attr_sources(rows)
-    return sum((s or 0) * (g or 1) for s, g in zip(_attr_column(sources, "wall_time_s"), _attr_column(sources, "gpus"))) / 3600
+    """What the trials used, as `sweeper accounts` counts it (accounts.trial_gpu_hours): running, failed and
+    preempted time too; a trial on two GPUs at once used two GPU-hours an hour."""
+    return sum(r["gpu_hours"] for r in rows)
 
 
 def render_all(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]], console: Console) -> None:

@@ -16,10 +16,10 @@ BARS = "▁▂▃▄▅▆▇█"
 LABEL = 12  # the label column; values start after it
 
 
-def trial_detail(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]], number: int) -> dict[str, Any]:
-    """Everything known about trial `number`: its report row (report.trial_rows) plus its seed, eval-loss curve,
-    checkpoint, resume chain and the config it belongs to."""
-    trials = study.get_trials(deepcopy=False)
+def trial_detail(study: optuna.Study, spec: SweepSpec, trials: list[optuna.trial.FrozenTrial],
+                 rows: list[dict[str, Any]], number: int) -> dict[str, Any]:
+    """Everything known about trial `number`: its report row (report.trial_rows over the same `trials`, one read of
+    the store) plus its seed, eval-loss curve, checkpoint, resume chain and the config it belongs to."""
     trial = next((t for t in trials if t.number == number), None)
     if trial is None:
         have = f"its trials are #0 to #{len(trials) - 1}" if trials else "it has no trial yet"

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.accounts import accounts, parse_allowances
+from sweeper.accounts import accounts, parse_allowances, trial_gpu_hours
 from sweeper.cli import cli
 from sweeper.record import LEASE, RESULT, STALE_REASON, WORKER
 from sweeper.spec import load_spec
@@ -137,3 +137,15 @@ def test_a_malformed_weekly_allowance_exits_2_in_one_line(this_week, value):
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         f"Error: --weekly-hours takes HOURS or PLATFORM=HOURS, e.g. 30 or kaggle=30 (got {value!r})"]
+
+
+def test_a_running_trial_counts_on_its_workers_clock_whatever_the_readers_time_zone():
+    """datetime_start is naive, on the worker's clock; the lease says when the trial began on that clock too."""
+    started = dt.datetime(2026, 12, 7, 9, 0)  # as a worker five hours away from the reader wrote it
+    lease = {"since": 1_000_000.0, "at": 1_000_000.0 + 1800, "beat": 30}
+    trial = FrozenTrial(number=0, state=TrialState.RUNNING, value=None, datetime_start=started, datetime_complete=None,
+                        params={}, distributions={}, user_attrs={}, system_attrs={LEASE: lease},
+                        intermediate_values={}, trial_id=0)
+    for reader_now in (started - 5 * HOUR, started + 5 * HOUR):
+        assert trial_gpu_hours(trial, now=reader_now) == 0.5
+        assert trial_gpu_hours(trial, default_gpus=2, now=reader_now) == 1.0

@@ -163,6 +163,32 @@ def test_a_worker_hands_each_repeat_its_own_seed_to_train_with(store, tmp_path, 
     assert json.loads(sweeper("best", "--store", store, "--json").stdout)["trials"] == [0, 1, 2]
 
 
+def test_a_worker_never_prunes_a_repeat_but_prunes_a_new_trial_as_bad(store, tmp_path, monkeypatch):
+    import fast_trainer
+    import runner.platform
+    from runner import run_worker
+
+    monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
+    monkeypatch.setattr(fast_trainer, "STEP_S", 0.001)
+    study, spec = load_study(store, "demo")  # the median pruner, past its 4 startup trials from here
+    for _ in range(4):  # finished trials far better at every eval than any the fast trainer makes
+        study.enqueue_trial(B)
+        trial = study.ask()
+        suggest(trial, spec)
+        for k in range(1, spec.budget.evals + 1):
+            trial.report(0.1, k)
+        study.tell(trial, 0.1)
+    assert sweeper("enqueue", "--store", store, "--repeat", "1", "--top", "1").exit_code == 0
+
+    summary = run_worker(store, "demo", max_trials=2, checkpoint_root=str(tmp_path / "c"), log=lambda line: None,
+                         trainer=fast_trainer)
+
+    repeat, new = (load_study(store, "demo")[0].get_trials()[n] for n in summary.trials)
+    assert repeat.user_attrs[SEED] == 1 and SEED not in new.user_attrs
+    assert repeat.state == TrialState.COMPLETE and sorted(repeat.intermediate_values) == [1, 2, 3, 4]  # all reported
+    assert new.state == TrialState.PRUNED and sorted(new.intermediate_values) == [1, 2]  # at the first eval past warmup
+
+
 def test_a_repeat_taken_over_resumes_with_the_seed_of_the_run_it_continues(store):
     run(store, B, 1.1)
     sweeper("enqueue", "--store", store, "--repeat", "1", "--top", "1")

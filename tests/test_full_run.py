@@ -143,14 +143,17 @@ def test_a_killed_full_run_continues_from_its_last_checkpoint(best_study, tmp_pa
     store, _ = best_study
     out = tmp_path / "full"
     args = ["full-run", "--store", store, "--out", str(out), "--epochs", "3", "--checkpoint-every", "1"]
-    run = subprocess.Popen([sys.executable, "-c", "from sweeper.cli import main; main()", *args],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe nobody reads would block the child
+    with log.open("wb") as stderr:
+        run = subprocess.Popen([sys.executable, "-c", "from sweeper.cli import main; main()", *args],
+                               stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
     first = out / "checkpoints" / "step-000001" / "trainer_state.json"
-    while not first.exists() and run.poll() is None:
+    hang_guard = time.monotonic() + 600  # fails a hung child instead of hanging CI; no timing is asserted
+    while not first.exists() and run.poll() is None and time.monotonic() < hang_guard:
         time.sleep(0.05)
     run.send_signal(signal.SIGKILL)  # no checkpoint on the way out: the VM is gone
     run.wait()
-    assert first.exists(), run.stderr.read().decode()
+    assert first.exists(), log.read_text()
 
     again = CliRunner().invoke(cli, args)
 
@@ -158,6 +161,77 @@ def test_a_killed_full_run_continues_from_its_last_checkpoint(best_study, tmp_pa
     done = json.loads(again.stdout)
     assert done["resumed_from_step"] >= 1 and done["steps"] == 6  # continued from what the killed run last wrote
     assert f"(step {done['resumed_from_step']}/6)" in again.stderr and (out / "merged" / "model.safetensors").is_file()
+
+
+def test_a_stopped_full_run_continues_its_own_config_after_the_studys_best_moves(best_study, tmp_path, monkeypatch):
+    import shutil
+
+    import optuna
+
+    from sweeper.storage import open_store
+    from sweeper.study import load_study
+
+    db = tmp_path / "sweeps.db"  # a copy: the other tests keep trial #0 as the best
+    shutil.copy(best_study[0].removeprefix("sqlite:///"), db)
+    store, out = f"sqlite:///{db}", tmp_path / "full"
+    args = ["full-run", "--store", store, "--out", str(out), "--checkpoint-every", "1"]
+    monkeypatch.setenv("SWEEPER_DEADLINE_HOURS", STOP_AFTER_ONE_STEP)
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 1 and STOPPED.fullmatch(first.stderr.strip().splitlines()[-1]), first.output
+
+    study, _ = load_study(open_store(store), "demo")
+    (best,) = study.get_trials()
+    study.add_trial(optuna.trial.create_trial(params={**best.params, "learning_rate": 1e-3},
+                                              distributions=best.distributions, value=best.value / 2))
+    monkeypatch.delenv("SWEEPER_DEADLINE_HOURS")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("in the garden, bob has\n")
+    again = CliRunner().invoke(cli, [*args, "--prompts", str(prompts)])
+
+    assert again.exit_code == 0, again.output
+    done = json.loads(again.stdout)
+    assert (done["best_trial"], done["resumed_from_step"], done["steps"]) == (0, 1, 2)
+    assert "full run of study 'demo': best trial #0, learning rate 0.003, batch size 16" in again.stderr
+    assert "the study's best has moved since this full run started: now trial #1 (eval loss " in again.stderr
+    assert json.loads((out / "full_run.json").read_text())["params"]["learning_rate"] == 3e-3
+
+
+def test_sample_prompts_of_chat_data_are_the_tokens_training_fed_the_model(best_study, tmp_path):
+    import shutil
+    import tomllib
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from runner import data as D
+    from runner.demo import SPEC
+    from runner.full_run import eval_prompts, prompt_inputs, sample_prompt
+    from sweeper.spec import spec_from_dict
+
+    model = shutil.copytree(best_study[1], tmp_path / "chat-model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    special = tokenizer.eos_token  # a chat template made of special tokens, and a BOS the tokenizer adds: as Llama 3's
+    tokenizer.chat_template = f"{{% for m in messages %}}{special}user: {{{{ m['content'] }}}}{{% endfor %}}{special}"
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{special} $A",
+                                                             special_tokens=[(special, tokenizer.eos_token_id)])
+    tokenizer.save_pretrained(model)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"q": f"how many keys has {name}?", "a": f"{name} has {i} keys."}) + "\n"
+                            for i, name in enumerate(["alice", "bob", "carol", "dave", "erin"] * 4)))
+    spec = tomllib.loads(SPEC.format(n_trials=1, model=model, data=data))
+    spec["data"].update(prompt_field="q", response_field="a", eval_examples=4)
+    spec = spec_from_dict(spec)
+
+    def trained_prompt(doc):
+        return [t for t, label in zip(doc.input_ids, doc.labels) if label == D.IGNORE]
+
+    tokenizer, _, held_out = D.documents(spec)
+    shown = [prompt_inputs(tokenizer, p, chat=True)["input_ids"][0].tolist()
+             for p in eval_prompts(tokenizer, held_out, spec)]
+    assert shown == [trained_prompt(doc) for doc in held_out[:3]] and shown[0][0] == tokenizer.eos_token_id
+    (doc,) = D.tokenize([{"q": "how many keys has judy?", "a": "none."}], tokenizer, spec.data, 128)
+    given = sample_prompt("how many keys has judy?", spec, tokenizer)
+    assert prompt_inputs(tokenizer, given, chat=True)["input_ids"][0].tolist() == trained_prompt(doc)
 
 
 @pytest.fixture
@@ -188,7 +262,8 @@ def empty_study(best_study, tmp_path) -> str:
     ("bad repo id", 2, "Error: --push-to 'alice/m/x' is not a Hub repo id (like your-name/model-name)"),
     ("tokens and epochs", 2, "Error: give --train-tokens or --epochs, not both"),
     ("no prompts file", 2, "Error: cannot read prompts from {out}.txt: No such file or directory"),
-    ("another run's folder", 2, "Error: {out} holds the full run of another config (best trial #7, budget"),
+    ("another budget's folder", 2, "Error: {out} holds a full run with another budget (checkpoint_every 1, asked "
+                                   "1000): give the --epochs, --train-tokens and --checkpoint-every it started with"),
 ])
 def test_each_failure_a_user_can_cause_is_one_line_before_any_training(case, code, error, best_study, hub, tmp_path,
                                                                          monkeypatch, request):
@@ -209,9 +284,10 @@ def test_each_failure_a_user_can_cause_is_one_line_before_any_training(case, cod
         args += ["--train-tokens", "1000", "--epochs", "1"]
     elif case == "no prompts file":
         args += ["--prompts", f"{out}.txt"]
-    elif case == "another run's folder":
+    elif case == "another budget's folder":
         out.mkdir()
-        (out / "full_run.json").write_text(json.dumps({"study": "demo", "best_trial": 7, "params": {}, "budget": {}}))
+        budget = {"train_tokens": None, "train_examples": 184, "evals": 1, "checkpoint_every": 1}
+        (out / "full_run.json").write_text(json.dumps({"study": "demo", "best_trial": 0, "params": {}, "budget": budget}))
 
     result = CliRunner().invoke(cli, args)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import time
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -15,7 +16,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.text import Text
 
-from sweeper import overview
+from sweeper import leases, overview
 from sweeper.cli import cli
 from sweeper.leases import record_worker_stop
 from sweeper.record import LEASE
@@ -45,9 +46,18 @@ def worker(account, gpu):
     return {"id": f"{account}/0a1b2c3d", "account": account, "platform": "colab", "gpu": gpu}
 
 
+NOW = time.time()  # the report's clock in these tests: lease ages never depend on how long the suite takes
+
+
+@pytest.fixture(autouse=True)
+def frozen_clock(monkeypatch):
+    monkeypatch.setattr(overview, "time", SimpleNamespace(time=lambda: NOW, sleep=lambda s: time.sleep(s)))
+    monkeypatch.setattr(leases, "time", SimpleNamespace(time=lambda: NOW, monotonic=time.monotonic))
+
+
 def lease(account, age_s, **progress):
     return {LEASE: {"worker": f"{account}/0a1b2c3d", "account": account, "platform": "kaggle", "checkpoint": "/c",
-                    "beat": 3, "at": time.time() - age_s, **progress}}
+                    "beat": 3, "at": NOW - age_s, **progress}}
 
 
 def make_study(folder, trials=COMPLETE, extra=True, kind="journal") -> str:
