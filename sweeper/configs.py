@@ -59,18 +59,22 @@ class ConfigGroup:
                 "mean": self.mean, "std": self.std, "score": self.score, "pending": self.pending}
 
 
-def config_key(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """The same key for the same config, however its numbers were written (16 and 16.0 are one number in Python)."""
-    return tuple(sorted(params.items()))
+def config_key(params: dict[str, Any]) -> frozenset[tuple[str, Any]]:
+    """The same key for the same config, in any order of its params, however its numbers were written (16 and 16.0
+    are one number in Python)."""
+    return frozenset(params.items())
 
 
 def group_configs(rows: Iterable[dict[str, Any]]) -> list[ConfigGroup]:
     """The configs with at least one complete run, best first by RULE (ties: lower mean, then older)."""
-    groups: dict[tuple, ConfigGroup] = {}
+    groups: dict[frozenset, ConfigGroup] = {}
     for r in rows:
         if not r["params"]:
             continue  # failed before it had params
-        group = groups.setdefault(config_key(r["params"]), ConfigGroup(params=r["params"]))
+        key = config_key(r["params"])
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = ConfigGroup(params=r["params"])
         group.trials.append(r["number"])
         if r["state"] == "COMPLETE" and r["eval_loss"] is not None:
             group.runs.append(r["number"])
@@ -80,9 +84,13 @@ def group_configs(rows: Iterable[dict[str, Any]]) -> list[ConfigGroup]:
     done = [g for g in groups.values() if g.runs]
     spread = noise(done)
     for g in done:
-        g.mean = math.fsum(g.losses) / g.n
-        g.std = math.sqrt(_squares(g.losses) / (g.n - 1)) if g.n > 1 else None
-        g.score = g.mean + (spread / math.sqrt(g.n) if spread is not None else 0.0)
+        n = len(g.losses)
+        if n == 1:  # most configs, with a continuous learning rate: no sums to take
+            g.mean, g.std = g.losses[0], None
+        else:
+            g.mean = math.fsum(g.losses) / n
+            g.std = math.sqrt(_squares(g.losses) / (n - 1))
+        g.score = g.mean + (spread / math.sqrt(n) if spread is not None else 0.0)
     return sorted(done, key=lambda g: (g.score, g.mean, g.trials[0]))
 
 
@@ -91,9 +99,9 @@ def noise(groups: Iterable[ConfigGroup]) -> float | None:
     (each weighted by its runs - 1); None before any config has two complete runs."""
     squares = dof = 0.0
     for g in groups:
-        if g.n > 1:
+        if len(g.losses) > 1:
             squares += _squares(g.losses)
-            dof += g.n - 1
+            dof += len(g.losses) - 1
     return math.sqrt(squares / dof) if dof else None
 
 
