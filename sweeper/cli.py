@@ -286,7 +286,7 @@ def show(number: int, store: str, study: str | None, as_json: bool) -> None:
     rows = report.trial_rows(optuna_study, opened, grace_s(*opened.lease_timing(spec.heartbeat_s)), trials=trials)
     detail = shown.trial_detail(optuna_study, spec, trials, rows, number)
     if as_json:
-        click.echo(json.dumps(detail, indent=2, default=str))
+        click.echo(report.to_json(detail))
     else:
         click.echo("\n".join(shown.render(detail, shutil.get_terminal_size().columns)))
 

@@ -22,7 +22,7 @@ RULE = ("the best config has the lowest mean eval loss + standard error over its
         "whole noise, one run 4 times half of it; with no repeat yet, the lowest eval loss wins")
 
 
-@dataclass
+@dataclass(slots=True)
 class ConfigGroup:
     """One config (a set of params) and every trial that ran it or will."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import datetime
+from itertools import repeat
 from typing import Any
 
 import optuna
@@ -58,8 +60,8 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "params": params_of(t),
         "eval_loss": _eval_loss(t),
         "last_eval": max(t.intermediate_values, default=None),
-        "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
-        "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        "datetime_start": t.datetime_start,  # datetimes: to_json writes them ISO 8601, the views need no text
+        "datetime_complete": t.datetime_complete,
         "gpu_hours": trial_gpu_hours(t),
         "user_attrs": dict(t.user_attrs),
         "note": fail_reason(t) or t.user_attrs.get(STALE_REASON, ""),
@@ -127,9 +129,14 @@ def render_all(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]],
 
         console.print("  ".join(fit(headers[i], i) for i in inline).rstrip(), style="bold", markup=False,
                       highlight=False, soft_wrap=True)
+        def fit_column(i: int) -> list[str]:  # a column of plain ASCII text is padded in one pass
+            if "".join(columns[i]).isascii():
+                return list(map(str.rjust if headers[i] in right else str.ljust, columns[i], repeat(widths[i])))
+            return [fit(text, i) for text in columns[i]]
+
         lines = []
-        for r in range(len(rows)):
-            lines.append("  ".join(fit(columns[i][r], i) for i in inline).rstrip())
+        for r, cells in enumerate(zip(*map(fit_column, inline))):
+            lines.append("  ".join(cells).rstrip())
             lines.extend(f"{' ' * (widths[0] + 2)}{headers[i]}: {columns[i][r]}" for i in below if columns[i][r])
         if lines:
             console.file.write("\n".join(lines) + "\n")
@@ -181,8 +188,13 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def to_json(rows: list[dict[str, Any]]) -> str:
-    return json.dumps(rows, indent=2, default=str)
+def to_json(rows: Any) -> str:
+    """Rows (or any of their parts) as JSON; datetimes in ISO 8601."""
+    return json.dumps(rows, indent=2, default=_json_value)
+
+
+def _json_value(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 def to_csv(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:

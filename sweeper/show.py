@@ -128,7 +128,7 @@ def render(d: dict[str, Any], width: int) -> list[str]:
         add("chain", " -> ".join(f"#{c['number']} {c['state'].lower()}" for c in d["chain"]))
     if d["note"]:
         add("note", d["note"])
-    times = [t.replace("T", " ")[:19] for t in (d["datetime_start"], d["datetime_complete"]) if t]
+    times = [f"{t:%Y-%m-%d %H:%M:%S}" for t in (d["datetime_start"], d["datetime_complete"]) if t]
     if times:
         add("time", " to ".join(times))
     return lines
