@@ -20,7 +20,7 @@ from optuna.importance import PedAnovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import SweeperError, UserError, first_line
-from sweeper.record import params_of
+from sweeper.record import eval_loss_of, params_of
 
 EXTRA = "pip install 'sweeper-qlora[report]'"
 MIN_COMPLETE = {"parallel_coordinate": 2, "importances": 5}  # fewer would draw nothing, or noise
@@ -53,7 +53,8 @@ def write_plots(study: optuna.Study, out: Path) -> tuple[list[Path], list[str]]:
 
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    with_loss = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and _loss(t) is not None]
+    with_loss = [t for t in trials
+                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and eval_loss_of(t) is not None]
     curves = [t for t in trials if t.intermediate_values]
 
     def needs_complete(n: int) -> str | None:
@@ -111,13 +112,6 @@ def _write(save: Any, path: Path) -> None:
         raise SweeperError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _loss(t: FrozenTrial) -> float | None:
-    """A complete trial's objective; a pruned one's last eval loss."""
-    if t.value is not None:
-        return t.value
-    return t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
-
-
 def _lowest(trials: list[FrozenTrial]) -> FrozenTrial | None:
     """The complete trial of the lowest eval loss (one run: `sweeper best` also weighs repeats)."""
     return min((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
@@ -136,7 +130,7 @@ def _loss_vs_lr_png(plt: Any, trials: list[FrozenTrial]) -> Any:
     figure, ax = plt.subplots()
     for color, (batch, group) in zip(plt.get_cmap("tab10").colors, _by_batch(trials).items()):
         for state, filled in ((TrialState.COMPLETE, True), (TrialState.PRUNED, False)):
-            points = [(params_of(t)["learning_rate"], _loss(t)) for t in group
+            points = [(params_of(t)["learning_rate"], eval_loss_of(t)) for t in group
                       if t.state == state and "learning_rate" in params_of(t)]
             if points:
                 x, y = zip(*points)
@@ -161,7 +155,7 @@ def _loss_vs_lr_html(trials: list[FrozenTrial]) -> Any:
     for batch, group in _by_batch(trials).items():
         group = [t for t in group if "learning_rate" in params_of(t)]
         figure.add_trace(go.Scatter(
-            x=[params_of(t)["learning_rate"] for t in group], y=[_loss(t) for t in group], mode="markers",
+            x=[params_of(t)["learning_rate"] for t in group], y=[eval_loss_of(t) for t in group], mode="markers",
             name=f"batch {batch}" if batch is not None else "trials",
             marker=dict(size=9, symbol=["circle" if t.state == TrialState.COMPLETE else "circle-open" for t in group]),
             text=[f"#{t.number} {t.state.name.lower()}" for t in group]))

@@ -51,3 +51,12 @@ def fail_reason(trial: FrozenTrial) -> str:
 def trial_key(trial: FrozenTrial) -> int | str:
     """A trial's name that every worker's view shares: its number, or where numbers are each view's own, its origin."""
     return trial.system_attrs.get(ORIGIN, trial.number)
+
+
+def eval_loss_of(trial: FrozenTrial) -> float | None:
+    """The objective for a finished trial; the last reported eval loss for a pruned or running one."""
+    if trial.value is not None:
+        return trial.value
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None

@@ -17,7 +17,7 @@ from rich.console import Console
 from sweeper import configs
 from sweeper.accounts import trial_gpu_hours
 from sweeper.leases import chains, lease_note
-from sweeper.record import RESULT, STALE_REASON, WORKER, fail_reason, params_of
+from sweeper.record import RESULT, STALE_REASON, WORKER, eval_loss_of, fail_reason, params_of
 from sweeper.spec import SweepSpec
 from sweeper.storage import Store, gc_paused
 
@@ -58,7 +58,7 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "number": t.number,
         "state": t.state.name,
         "params": params_of(t),
-        "eval_loss": _eval_loss(t),
+        "eval_loss": eval_loss_of(t),
         "last_eval": max(t.intermediate_values, default=None),
         "datetime_start": t.datetime_start,  # datetimes: to_json writes them ISO 8601, the views need no text
         "datetime_complete": t.datetime_complete,
@@ -74,26 +74,12 @@ def info(row: dict[str, Any]) -> dict[str, Any]:
     return {**attrs.get(WORKER, {}), **attrs.get(RESULT, {})}
 
 
-def _eval_loss(t: FrozenTrial) -> float | None:
-    """The objective for a finished trial; the last reported eval loss for a pruned or running one."""
-    if t.value is not None:
-        return t.value
-    if t.intermediate_values:
-        return t.intermediate_values[max(t.intermediate_values)]
-    return None
-
-
-def best_number(rows: list[dict[str, Any]]) -> int | None:
-    """The best config's best complete run, by the rule in sweeper/configs.py (which accounts for repeats)."""
-    return configs.best_number(rows)
-
-
 def summary(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     counts = {s.name: 0 for s in TrialState}
     for r in rows:
         counts[r["state"]] += 1
     finished = counts["COMPLETE"] + counts["PRUNED"]
-    best = best_number(rows)
+    best = configs.best_number(rows)  # by the rule, which accounts for repeats
     best_text = f"best #{best}: {next(r for r in rows if r['number'] == best)['eval_loss']:.4f}" if best is not None else "no complete trial yet"
     parts = [f"{k.lower()} {v}" for k, v in counts.items() if v]
     return f"study {study.study_name}: {finished}/{spec.n_trials} finished ({', '.join(parts) or 'no trials'}); {best_text}; {gpu_hours(rows):.2f} GPU-hours"
