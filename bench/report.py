@@ -4,7 +4,7 @@ Builds a study of N trials with the user attrs runner/worker.py writes, in a jou
 sqlite store under a temp dir, then times from a freshly opened store each time, at each width:
   ours, view:  open_store + load_study + overview.look, printed to a null console (`sweeper report`)
   ours, all:   open_store + load_study + trial_rows + render_all to a null console (`sweeper report --all`)
-  ours, json:  load_study + trial_rows + to_json                                  (`sweeper report --json`)
+  ours, json:  load_study + trial_rows + rows_json                                (`sweeper report --json`)
   baseline:    optuna.load_study + study.trials_dataframe()
   load:        optuna.load_study alone, the part all of them share
 and prints the median seconds and the ratio baseline / ours (above 1: ours is faster).
@@ -135,7 +135,7 @@ def ours_all(url: str, width: int) -> None:
 
 def ours_json(url: str) -> None:
     study, _ = load_study(url, "bench")
-    report.to_json(report.trial_rows(study))
+    report.rows_json(report.trial_rows(study))
 
 
 def baseline(url: str) -> None:

@@ -148,7 +148,7 @@ def _enqueue_repeats(opened, optuna_study, spec, repeat: int, top: int) -> None:
 @click.option("--watch", is_flag=True, help="Redraw the view in place as trials land; Ctrl-C leaves.")
 @click.option("--interval", type=click.FloatRange(min=1), default=10, show_default=True, metavar="S",
               help="Seconds between --watch redraws (each reads the store).")
-@click.option("--json", "as_json", is_flag=True, help="Print every trial as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print every trial as JSON: an array, a trial a line.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print every trial as CSV.")
 def report_command(store: str, study: str | None, top: int, show_all: bool, watch: bool, interval: float,
                    as_json: bool, as_csv: bool) -> None:
@@ -165,7 +165,7 @@ def report_command(store: str, study: str | None, top: int, show_all: bool, watc
     if as_json or as_csv or show_all:
         rows = report.trial_rows(optuna_study, opened, grace_s(*opened.lease_timing(spec.heartbeat_s)))
         if as_json:
-            click.echo(report.to_json(rows))
+            click.echo(report.rows_json(rows))
         elif as_csv:
             click.echo(report.to_csv(spec, rows), nl=False)
         else:
@@ -204,7 +204,8 @@ def best(store: str, study: str | None, export: Path | None, as_json: bool, note
         _folder_must_exist(export)
     _, optuna_study, spec = _open(store, study)
     rows = report.trial_rows(optuna_study)
-    config = configs.full_run_config(optuna_study.study_name, spec, rows)
+    groups = configs.group_configs(rows)
+    config = configs.full_run_config(optuna_study.study_name, spec, rows, groups)
     text = json.dumps(config, indent=2) + "\n" if as_json else tomli_w.dumps(config)
     if export:
         try:
@@ -218,7 +219,7 @@ def best(store: str, study: str | None, export: Path | None, as_json: bool, note
         err.print(f"{what} written to {export}", markup=False, highlight=False)
     else:
         click.echo(text, nl=False)
-    for note in configs.best_notes(configs.group_configs(rows)):
+    for note in configs.best_notes(groups):
         err.print(f"note: {note}", style="yellow", markup=False, highlight=False)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 from sweeper.errors import SweeperError
-from sweeper.record import RESULT, RESUMES, SEED, WORKER, trial_key
+from sweeper.record import RESULT, SEED, WORKER, resumed_from
 from sweeper.spec import SweepSpec, drop_none
 
 RULE = ("the best config has the lowest mean eval loss + standard error over its complete runs, the standard error "
@@ -117,10 +117,10 @@ def best_number(rows: list[dict[str, Any]]) -> int | None:
     return groups[0].best_trial if groups else None
 
 
-def full_run_config(study_name: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def full_run_config(study_name: str, spec: SweepSpec, rows: list[dict[str, Any]],
+                    groups: list[ConfigGroup]) -> dict[str, Any]:
     """The config for the full run: the best config's params (RULE) over everything the spec fixes, with the rule,
-    its runs and what its best run measured."""
-    groups = group_configs(rows)
+    its runs and what its best run measured. groups: group_configs(rows)."""
     if not groups:
         raise SweeperError(f"study {study_name!r} has no complete trial yet")
     best = groups[0]
@@ -185,12 +185,12 @@ def _runs(n: int) -> str:
 def trial_seeds(trials: list[FrozenTrial]) -> dict[int, int | None]:
     """Trial number -> the seed it runs with (None: the spec's train.seed). A resume runs with the seed of the trial
     it continues, which it may not carry itself: the RESUMES chain is followed back to one that does."""
-    by_key = {trial_key(t): t for t in trials}
+    back = resumed_from(trials)
     seeds = {}
     for t in trials:
         seen, at = set(), t
-        while SEED not in at.user_attrs and at.user_attrs.get(RESUMES) in by_key and at.number not in seen:
+        while SEED not in at.user_attrs and at.number in back and at.number not in seen:
             seen.add(at.number)
-            at = by_key[at.user_attrs[RESUMES]]
+            at = back[at.number]
         seeds[t.number] = at.user_attrs.get(SEED)
     return seeds

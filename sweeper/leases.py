@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import UserError, first_line
 from sweeper.record import (FINISHED, LEASE, RESUME_FROM, RESUMES, STALE_REASON, TAKEOVER, fail_reason, lease_of,
-                            params_of, result_of, trial_key)
+                            params_of, result_of, resumed_from, trial_key)
 
 WORKER_STOPPED = "worker_stopped:"  # study user attr per worker that gave up: who, where, why
 GRACE_BEATS = 3
@@ -248,11 +248,8 @@ def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], 
 
 def chains(trials: list[FrozenTrial]) -> dict[int, str]:
     """Report notes: trial number -> "resumes #12" / "resumed as #31", from the RESUMES attrs."""
-    number_of = {trial_key(t): t.number for t in trials}
     notes: dict[int, list[str]] = {}
-    for t in trials:
-        key = t.user_attrs.get(RESUMES)
-        if key is not None and key in number_of:
-            notes.setdefault(t.number, []).append(f"resumes #{number_of[key]}")
-            notes.setdefault(number_of[key], []).append(f"resumed as #{t.number}")
+    for number, back in resumed_from(trials).items():
+        notes.setdefault(number, []).append(f"resumes #{back.number}")
+        notes.setdefault(back.number, []).append(f"resumed as #{number}")
     return {n: ", ".join(v) for n, v in notes.items()}

@@ -53,6 +53,12 @@ def trial_key(trial: FrozenTrial) -> int | str:
     return trial.system_attrs.get(ORIGIN, trial.number)
 
 
+def resumed_from(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
+    """Trial number -> the trial it continues (its RESUMES attr), for each resume whose trial is among `trials`."""
+    by_key = {trial_key(t): t for t in trials}
+    return {t.number: by_key[key] for t in trials if (key := t.user_attrs.get(RESUMES)) is not None and key in by_key}
+
+
 def eval_loss_of(trial: FrozenTrial) -> float | None:
     """The objective for a finished trial; the last reported eval loss for a pruned or running one."""
     if trial.value is not None:

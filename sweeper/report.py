@@ -39,31 +39,34 @@ def trial_rows(study: optuna.Study, store: Store | None = None, grace_s: float |
     """One plain dict per trial, in trial-number order: what every output format is made from. The store the
     study was opened from adds its notes (on a drive store, two workers that ran one enqueued point); with the
     lease grace, a running trial's note gives its lease's age. trials: the study's, if already loaded."""
-    with gc_paused():  # an RDB store builds every trial here
+    with gc_paused():  # an RDB store builds every trial here, and every row lives as long as the trials
         trials = study.get_trials(deepcopy=False) if trials is None else trials
         rows = [_row(t) for t in trials]
-    if grace_s is not None:
-        for t in trials:
-            if t.state == TrialState.RUNNING:
-                rows[t.number]["note"] = "; ".join(filter(None, [rows[t.number]["note"], lease_note(t, grace_s)]))
-    for number, note in (store.trial_notes(trials) if store else {}).items():
-        rows[number]["note"] = note
-    for number, chain in chains(trials).items():  # "resumes #12" / "resumed as #31"
-        rows[number]["note"] = "; ".join(filter(None, [chain, rows[number]["note"]]))
+        if grace_s is not None:
+            for t in trials:
+                if t.state == TrialState.RUNNING:
+                    rows[t.number]["note"] = "; ".join(filter(None, [rows[t.number]["note"], lease_note(t, grace_s)]))
+        for number, note in (store.trial_notes(trials) if store else {}).items():
+            rows[number]["note"] = note
+        for number, chain in chains(trials).items():  # "resumes #12" / "resumed as #31"
+            rows[number]["note"] = "; ".join(filter(None, [chain, rows[number]["note"]]))
     return rows
+
+
+_STATE_NAMES = {s: s.name for s in TrialState}  # Enum.name is a property, 4x slower than this lookup
 
 
 def _row(t: FrozenTrial) -> dict[str, Any]:
     return {
         "number": t.number,
-        "state": t.state.name,
+        "state": _STATE_NAMES[t.state],
         "params": params_of(t),
         "eval_loss": eval_loss_of(t),
         "last_eval": max(t.intermediate_values, default=None),
         "datetime_start": t.datetime_start,  # datetimes: to_json writes them ISO 8601, the views need no text
         "datetime_complete": t.datetime_complete,
         "gpu_hours": trial_gpu_hours(t),
-        "user_attrs": dict(t.user_attrs),
+        "user_attrs": t.user_attrs,  # shared with the trial: read, never written
         "note": fail_reason(t) or t.user_attrs.get(STALE_REASON, ""),
     }
 
@@ -95,8 +98,8 @@ def render_all(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]],
     """Every trial, fitted to the console's width: a plain fixed-width table written directly (rich would lay out
     5,000 rows at about 1.5 ms each). No cell is ever cropped: where the row does not fit, columns are taken out
     in TAKE_OUT's order, a number left out (it is in --csv), a text shown whole on a line of its own below."""
-    console.print(summary(study, spec, rows), soft_wrap=True, markup=False, highlight=False)
-    with gc_paused():  # the cells all live until printed
+    with gc_paused():  # the configs grouped for the best and the cells all live until printed
+        console.print(summary(study, spec, rows), soft_wrap=True, markup=False, highlight=False)
         headers, right, columns = _table_columns(spec, rows)
         columns = [c if "".join(c).isprintable() else [printable(cell) for cell in c] for c in columns]
         widths = [max(map(len if "".join(c).isascii() else cell_len, [h, *c])) for h, c in zip(headers, columns)]
@@ -179,6 +182,12 @@ def to_json(rows: Any) -> str:
     return json.dumps(rows, indent=2, default=_json_value)
 
 
+def rows_json(rows: list[dict[str, Any]]) -> str:
+    """Every trial's row as one JSON array, a trial a line: written by json's C encoder, which takes no indent
+    (3x faster than to_json's indent=2 on 5,000 trials, and half the size)."""
+    return "[" + ",\n ".join(json.dumps(r, default=_json_value) for r in rows) + "]"
+
+
 def _json_value(value: Any) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
@@ -201,4 +210,5 @@ def _csv_cell(value: Any) -> Any:
 
 def best_config(study: optuna.Study, spec: SweepSpec) -> dict[str, Any]:
     """The full-run config: the best config's params over everything the spec fixes (sweeper/configs.py)."""
-    return configs.full_run_config(study.study_name, spec, trial_rows(study))
+    rows = trial_rows(study)
+    return configs.full_run_config(study.study_name, spec, rows, configs.group_configs(rows))

@@ -9,7 +9,7 @@ import optuna
 
 from sweeper.configs import group_configs, params_text, trial_seeds
 from sweeper.errors import UserError
-from sweeper.record import RESULT, RESUMES, WORKER, lease_of, trial_key
+from sweeper.record import RESULT, WORKER, lease_of, resumed_from
 from sweeper.spec import SweepSpec
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -45,18 +45,15 @@ def trial_detail(study: optuna.Study, spec: SweepSpec, trials: list[optuna.trial
 
 def resume_chain(trials: list[optuna.trial.FrozenTrial], trial: optuna.trial.FrozenTrial) -> list[int]:
     """The trials that continue one another, first to last, this one among them; [] for a trial never resumed."""
-    by_key = {trial_key(t): t for t in trials}
-    resumed_as: dict[Any, optuna.trial.FrozenTrial] = {}
-    for t in trials:  # two takers racing may each enqueue a resume: the lower number is the one that runs
-        resumed_as.setdefault(t.user_attrs.get(RESUMES), t)
-    chain, at = [trial.number], trial
-    while (back := by_key.get(at.user_attrs.get(RESUMES))) is not None and back.number not in chain:
-        chain.insert(0, back.number)
-        at = back
-    at = trial
-    while (on := resumed_as.get(trial_key(at))) is not None and on.number not in chain:
-        chain.append(on.number)
-        at = on
+    back = resumed_from(trials)
+    resumed_as: dict[int, int] = {}
+    for number, resumed in back.items():  # two takers racing may each enqueue a resume: the lower number runs
+        resumed_as.setdefault(resumed.number, number)
+    chain = [trial.number]
+    while (before := back.get(chain[0])) is not None and before.number not in chain:
+        chain.insert(0, before.number)
+    while (after := resumed_as.get(chain[-1])) is not None and after not in chain:
+        chain.append(after)
     return chain if len(chain) > 1 else []
 
 

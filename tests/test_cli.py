@@ -228,6 +228,11 @@ def test_report_json_matches_the_study(with_trials):
         assert row["user_attrs"].get("result") == result_attr
     assert all(r["datetime_start"] for r in rows)
     assert [bool(r["datetime_complete"]) for r in rows] == [True, True, True, True, False]
+    assert [json.loads(line.strip("[], ")) for line in result.stdout.splitlines()] == rows  # a trial a line
+
+
+def test_report_json_of_no_trials_is_an_empty_array(initialized):
+    assert json.loads(sweeper("report", "--store", initialized, "--json").stdout) == []
 
 
 def test_report_json_of_waiting_trials_shows_their_enqueued_params(initialized):
