@@ -122,7 +122,7 @@ def enqueue(store: str, study: str | None, grid: bool, points: tuple[str, ...], 
 
 def _enqueue_repeats(opened, optuna_study, spec, repeat: int, top: int) -> None:
     """enqueue --repeat: the top configs by the rule, each given `repeat` runs with other seeds."""
-    from sweeper.configs import group_configs, params_text
+    from sweeper.configs import group_configs, numbers_text, params_text, runs_text
     from sweeper.study import enqueue_repeats
 
     chosen = group_configs(report.trial_rows(optuna_study))[:top]
@@ -135,8 +135,8 @@ def _enqueue_repeats(opened, optuna_study, spec, repeat: int, top: int) -> None:
               f"config{'s' if len(chosen) > 1 else ''}{fewer}; {len(chosen) * repeat - len(added)} already present")
     for group in chosen:
         new = sum(params is group.params for params, _ in added)
-        err.print(f"  {params_text(group.params)}: {group.n} run{'s' if group.n > 1 else ''} "
-                  f"({', '.join(f'#{n}' for n in group.runs)}), {new} new", markup=False, highlight=False)
+        err.print(f"  {params_text(group.params)}: {runs_text(group.n)} ({numbers_text(group.runs)}), {new} new",
+                  markup=False, highlight=False)
 
 
 @cli.command(name="report")
@@ -214,7 +214,7 @@ def best(store: str, study: str | None, export: Path | None, as_json: bool, note
             raise SweeperError(f"cannot write {export}: {e.strerror or e}") from None
         runs = config["trials"]
         what = (f"best trial #{runs[0]} (eval loss {config['eval_loss']:.4f})" if len(runs) == 1 else
-                f"best config: trials {', '.join(f'#{n}' for n in runs)} (mean eval loss {config['eval_loss']:.4f} "
+                f"best config: trials {configs.numbers_text(runs)} (mean eval loss {config['eval_loss']:.4f} "
                 f"± {config['eval_loss_std']:.4f})")
         err.print(f"{what} written to {export}", markup=False, highlight=False)
     else:

@@ -14,7 +14,7 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 from sweeper.errors import SweeperError
-from sweeper.record import RESULT, SEED, WORKER, resumed_from
+from sweeper.record import SEED, resumed_from, row_info
 from sweeper.spec import SweepSpec, drop_none
 
 RULE = ("the best config has the lowest mean eval loss + standard error over its complete runs, the standard error "
@@ -137,8 +137,7 @@ def full_run_config(study_name: str, spec: SweepSpec, rows: list[dict[str, Any]]
         "train": asdict(spec.trial_config(best.params)),  # the spec's own seed: a repeat's seed is no part of it
         "budget_per_trial": asdict(spec.budget),
     }
-    attrs = {**row["user_attrs"].get(WORKER, {}), **row["user_attrs"].get(RESULT, {})}
-    measured = {k: v for k, v in attrs.items() if k in ("micro_batch", "grad_accum", "gpus", "gpu", "precision")}
+    measured = {k: v for k, v in row_info(row).items() if k in ("micro_batch", "grad_accum", "gpus", "gpu", "precision")}
     if measured:
         config["measured_on_best_trial"] = measured
     return drop_none(config)
@@ -155,13 +154,13 @@ def best_notes(groups: list[ConfigGroup]) -> list[str]:
     notes = []
     best = groups[0]
     if len(groups) > 1 and groups[1].mean - best.mean < spread:
-        notes.append(f"the runner-up (trial{_plural(groups[1].runs)} {_numbers(groups[1].runs)}, mean "
+        notes.append(f"the runner-up (trial{_plural(groups[1].runs)} {numbers_text(groups[1].runs)}, mean "
                      f"{groups[1].mean:.4f}) is within the noise (±{spread:.4f}) of the best (mean {best.mean:.4f}): "
                      "repeat both to tell them apart")
     lucky = [g for g in groups[1:] if g.mean < best.mean]
     if lucky:
-        notes.append(f"trial{_plural(lucky[0].runs)} {_numbers(lucky[0].runs)} had a lower eval loss "
-                     f"({lucky[0].mean:.4f}) in {_runs(lucky[0].n)}, too few to trust over the best's {_runs(best.n)}")
+        notes.append(f"trial{_plural(lucky[0].runs)} {numbers_text(lucky[0].runs)} had a lower eval loss "
+                     f"({lucky[0].mean:.4f}) in {runs_text(lucky[0].n)}, too few to trust over the best's {runs_text(best.n)}")
     return notes
 
 
@@ -170,7 +169,8 @@ def params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def _numbers(numbers: list[int]) -> str:
+def numbers_text(numbers: list[int]) -> str:
+    """#3, #7"""
     return ", ".join(f"#{n}" for n in numbers)
 
 
@@ -178,7 +178,8 @@ def _plural(items: list[Any]) -> str:
     return "s" if len(items) > 1 else ""
 
 
-def _runs(n: int) -> str:
+def runs_text(n: int) -> str:
+    """1 run, 3 runs"""
     return f"{n} run{'s' if n > 1 else ''}"
 
 

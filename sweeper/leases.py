@@ -203,14 +203,19 @@ def superseded(study: optuna.Study, trial_id: int) -> str | None:
     return None
 
 
+def not_retried(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The failed trials that nothing resumes, leaving out failures that lost nothing (NOT_RETRIED)."""
+    resumed = {t.user_attrs.get(RESUMES) for t in trials}
+    return [t for t in trials if t.state == TrialState.FAIL and trial_key(t) not in resumed
+            and not fail_reason(t).startswith(NOT_RETRIED)]
+
+
 def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str]]:
     """`sweeper retry`: enqueue the given finished trials again (None: every failed one not yet resumed),
     each resuming from its last checkpoint where it left one. Returns (number, checkpoint or '')."""
     trials = study.get_trials(deepcopy=False)
-    resumed = {t.user_attrs.get(RESUMES) for t in trials}
     if numbers is None:
-        chosen = [t for t in trials if t.state == TrialState.FAIL and trial_key(t) not in resumed
-                  and not fail_reason(t).startswith(NOT_RETRIED)]
+        chosen = not_retried(trials)
     else:
         by_number = {t.number: t for t in trials}
         missing = [n for n in numbers if n not in by_number]

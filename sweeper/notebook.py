@@ -53,19 +53,15 @@ def render(platform: str, store: str, study: str | None = None, *, account: str 
     if not re.match(r"^[a-z][a-z0-9+.-]*://", store or ""):
         raise UserError(f"malformed store URL {shown(store)!r}; `sweeper stores` lists the kinds")
     check_reachable(platform, store)
-    if install is None and platform == "local":
-        install = ""
+    shared, comments = _shared_parameters(platform, store, study, install, allow_cpu)
+    install = shared["install"]
     if install and re.search(r"://[^/@\s]+@", install):
         raise UserError("the install requirement holds a credential (https://user@host or user:token@host); "
                         "give one that needs none, e.g. a public git URL or a package version")
     wheel_name, wheel_bytes = wheel.build() if install is None else (None, None)
     nb = nbformat.reads(files("sweeper.templates").joinpath(f"{platform}.ipynb").read_text(), as_version=4)
-    secret = store_has_secret(store)
-    fill(nb, "parameters", {"store": None if secret else store, "study": study, "account": account,
-                            "max_trials": max_trials, "checkpoint_root": checkpoint_root,
-                            "deadline_hours": deadline_hours, "install": install, "secrets": secrets_needed(store),
-                            "per_gpu": per_gpu, "allow_cpu": allow_cpu},
-         {"store": f"  # {shown(store)}: read from the secret {STORE_SECRET}, never written here"} if secret else {})
+    fill(nb, "parameters", {**shared, "account": account, "max_trials": max_trials, "checkpoint_root": checkpoint_root,
+                            "deadline_hours": deadline_hours, "per_gpu": per_gpu}, comments)
     fill(nb, "sweeper-code", {"rendered_by": __version__, "wheel_name": wheel_name,
                               "wheel_base64": base64.b64encode(wheel_bytes).decode() if wheel_bytes else None})
     nbformat.validate(nb)
@@ -87,22 +83,22 @@ def render_full_run(platform: str, store: str, study: str | None = None, *, inst
     lent = {c.id: c for c in runner.cells}
     nb.cells[2:2] = [lent[name] for name in CARRIED_CELLS]  # after the intro and the parameters
     nb.cells += [lent["flush"]] if "flush" in lent else []
-    values = {name: parameters.get(name) for name in FULL_RUN_PARAMETERS}
-    runner_values = {k: v for k, v in _assigned(next(c for c in runner.cells if c.id == "parameters")).items()
-                      if k in ("store", "study", "install", "secrets", "allow_cpu")}
-    fill(nb, "parameters", values | runner_values,
-         {"store": f"  # {shown(store)}: read from the secret {STORE_SECRET}, never written here"}
-         if store_has_secret(store) else {})
+    shared, comments = _shared_parameters(platform, store, study, install, allow_cpu)
+    fill(nb, "parameters", {name: parameters.get(name) for name in FULL_RUN_PARAMETERS} | shared, comments)
     nbformat.validate(nb)
     return nb
 
 
-def _assigned(cell: nbformat.NotebookNode) -> dict:
-    """The values a rendered parameters cell sets (literals only: fill writes them with repr)."""
-    import ast
-
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body
-            if isinstance(node, ast.Assign)}
+def _shared_parameters(platform: str, store: str, study: str | None, install: str | None,
+                       allow_cpu: bool) -> tuple[dict, dict[str, str]]:
+    """The parameters the runner and the full-run notebooks both set, and their comments: a store URL that holds a
+    password is left out (the notebook reads it from the secret STORE_SECRET); install None on local is "" (this
+    sweeper is already installed there)."""
+    secret = store_has_secret(store)
+    values = {"store": None if secret else store, "study": study,
+              "install": "" if install is None and platform == "local" else install,
+              "secrets": secrets_needed(store), "allow_cpu": allow_cpu}
+    return values, {"store": f"  # {shown(store)}: read from the secret {STORE_SECRET}, never written here"} if secret else {}
 
 
 def check_reachable(platform: str, store: str) -> None:

@@ -26,9 +26,9 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from sweeper.configs import ConfigGroup, group_configs
-from sweeper.leases import NOT_RETRIED, grace_s, lease_note, silence, stopped_workers
-from sweeper.record import RESUMES, STALE_REASON, fail_reason, lease_of, trial_key, worker_of
-from sweeper.report import fmt, gpu_hours, info, printable, trial_rows
+from sweeper.leases import grace_s, lease_note, not_retried, silence, stopped_workers
+from sweeper.record import STALE_REASON, fail_reason, lease_of, row_info, worker_of
+from sweeper.report import fmt, gpu_hours, printable, trial_rows
 from sweeper.spec import SweepSpec
 from sweeper.storage import Store, gc_paused
 
@@ -169,7 +169,8 @@ def _leaderboard(spec: SweepSpec, groups: list[ConfigGroup], rows: list[dict[str
     table = _table(f"leaderboard: top {min(top, len(groups))} of {len(groups)} configs, by {how}", columns)
     for i, g in enumerate(groups[:top]):
         r = rows[g.best_trial]
-        got, wall = info(r), info(r).get("wall_time_s")
+        got = row_info(r)
+        wall = got.get("wall_time_s")
         _add_row(table, {"#": str(g.best_trial), **{n: fmt(g.params.get(n)) for n in spec.space},
                          "eval loss": f"{g.mean:.4f}", "±": "" if g.std is None else f"{g.std:.4f}",
                          "runs": str(g.n) + (f" +{g.pending}" if g.pending else ""), "GPU": fmt(got.get("gpu")),
@@ -308,10 +309,7 @@ def warning_lines(spec: SweepSpec, trials: list[FrozenTrial], groups: list[Confi
             lines.append((f"the runs of #{g.best_trial}'s config disagree: spread {spread:.4f}, more than the "
                           f"{gap:.4f} between it and #{after.best_trial}'s; their order is noise: "
                           "sweeper enqueue --repeat 3 --top 3", "yellow"))
-    resumed = {t.user_attrs.get(RESUMES) for t in trials}
-    failed = [t for t in trials if t.state == TrialState.FAIL and trial_key(t) not in resumed
-              and not fail_reason(t).startswith(NOT_RETRIED)]
-    if failed:
+    if failed := not_retried(trials):
         last, who = failed[-1], worker_of(failed[-1])
         where = ", ".join(filter(None, (who.get("account"), who.get("gpu"))))
         reason = fail_reason(last) or last.user_attrs.get(STALE_REASON) or "no reason recorded"

@@ -53,6 +53,12 @@ def trial_key(trial: FrozenTrial) -> int | str:
     return trial.system_attrs.get(ORIGIN, trial.number)
 
 
+def row_info(row: dict[str, Any]) -> dict[str, Any]:
+    """What the worker recorded about a trial, from its report row (report.trial_rows): WORKER and RESULT, merged."""
+    attrs = row["user_attrs"]
+    return {**attrs.get(WORKER, {}), **attrs.get(RESULT, {})}
+
+
 def resumed_from(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
     """Trial number -> the trial it continues (its RESUMES attr), for each resume whose trial is among `trials`."""
     by_key = {trial_key(t): t for t in trials}

@@ -17,7 +17,7 @@ from rich.console import Console
 from sweeper import configs
 from sweeper.accounts import trial_gpu_hours
 from sweeper.leases import chains, lease_note
-from sweeper.record import RESULT, STALE_REASON, WORKER, eval_loss_of, fail_reason, params_of
+from sweeper.record import RESULT, STALE_REASON, WORKER, eval_loss_of, fail_reason, params_of, row_info
 from sweeper.spec import SweepSpec
 from sweeper.storage import Store, gc_paused
 
@@ -69,12 +69,6 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "user_attrs": t.user_attrs,  # shared with the trial: read, never written
         "note": fail_reason(t) or t.user_attrs.get(STALE_REASON, ""),
     }
-
-
-def info(row: dict[str, Any]) -> dict[str, Any]:
-    """What the worker recorded about a trial: its WORKER and RESULT attrs, merged."""
-    attrs = row["user_attrs"]
-    return {**attrs.get(WORKER, {}), **attrs.get(RESULT, {})}
 
 
 def summary(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
@@ -160,7 +154,7 @@ def _attr_sources(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict
 
 
 def _attr_column(sources: list[tuple[dict[str, Any], dict[str, Any]]], key: str) -> list[Any]:
-    """[info(r).get(key) for r in rows], without building the merged dicts."""
+    """[row_info(r).get(key) for r in rows], without building the merged dicts."""
     return [result[key] if key in result else worker.get(key) for result, worker in sources]
 
 
@@ -200,7 +194,7 @@ def to_csv(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     for r in rows:
         writer.writerow([r["number"], r["state"], *(r["params"].get(n, "") for n in spec.space),
                          "" if r["eval_loss"] is None else r["eval_loss"],
-                         *(_csv_cell(info(r).get(a)) for a in attrs), r["note"]])
+                         *(_csv_cell(row_info(r).get(a)) for a in attrs), r["note"]])
     return out.getvalue()
 
 

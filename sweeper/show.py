@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-from sweeper.configs import group_configs, params_text, trial_seeds
+from sweeper.configs import group_configs, numbers_text, params_text, trial_seeds
 from sweeper.errors import UserError
 from sweeper.record import RESULT, WORKER, lease_of, resumed_from
 from sweeper.spec import SweepSpec
@@ -85,7 +85,7 @@ def render(d: dict[str, Any], width: int) -> list[str]:
         runs = len(c["runs"])
         pending = f"; {c['pending']} waiting or running" if c["pending"] else ""
         add("config", f"{runs} complete run{'s' if runs != 1 else ''}: mean eval loss {c['mean']:.4f}{spread} "
-            f"(trials {', '.join(f'#{n}' for n in c['trials'])}){pending}")
+            f"(trials {numbers_text(c['trials'])}){pending}")
     evals = [v for _, v in d["eval_losses"]]
     if evals:
         add("eval loss", f"{sparkline(evals, width - LABEL)} {len(evals)} of {d['evals']} evals: "
