@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import gc
 import json
 import os
 import shutil
@@ -112,7 +111,6 @@ def full_run(store: str, study: str | None = None, *, out: str | Path | None = N
     log(f"trained {result.steps} steps" + (f" (continued from step {result.resumed_from_step})"
                                             if result.resumed_from_step else "")
         + (f": eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
-    gc.collect()  # the 4-bit training model goes before the 16-bit one comes
 
     adapter = save_adapter(Path(result.checkpoint), tokenizer, out / "adapter")
     samples = ([sample_prompt(p, spec, tokenizer) for p in prompts] if prompts
@@ -216,16 +214,25 @@ def cannot_write(path: Path, e: BaseException) -> SweeperError:
 
 def save_adapter(checkpoint: Path, tokenizer, folder: Path) -> Path:
     """The last checkpoint's adapter (what peft's save_pretrained wrote there) and the tokenizer, in a folder."""
+    def fill(tmp: Path) -> None:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(checkpoint / name, tmp / name)
+        tokenizer.save_pretrained(tmp)
+
+    return write_whole(folder, fill, OSError)
+
+
+def write_whole(folder: Path, fill, errors: type[BaseException]) -> Path:
+    """fill(tmp) writes the folder's files into a hidden folder beside it, which then takes its place: a folder that
+    is there is whole. errors: what a failed write raises (one line, cannot_write)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            shutil.copy2(checkpoint / name, tmp / name)
-        tokenizer.save_pretrained(tmp)
+        fill(tmp)
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)  # a folder that is there is whole
-    except OSError as e:
+        os.replace(tmp, folder)
+    except errors as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise cannot_write(folder, e) from None
     return folder
@@ -239,27 +246,22 @@ def merge(spec: SweepSpec, adapter: Path, tokenizer, prompts: list[str], folder:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from runner.train import pick_precision
+    from runner.model import free_memory, pick_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)  # the 4-bit training model goes before the 16-bit one comes
     dtype = pick_precision(device, precision)
     model = AutoModelForCausalLM.from_pretrained(spec.model.id, dtype=dtype, device_map={"": device})
     chat = spec.data.prompt_field is not None
     before = [generate(model, tokenizer, p, chat) for p in prompts]
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     after = [generate(model, tokenizer, p, chat) for p in prompts]
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    except Exception as e:  # noqa: BLE001  OSError, or safetensors' own error for the same failures
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise cannot_write(folder, e) from None
+
+    write_whole(folder, fill, Exception)  # OSError, or safetensors' own error for the same failures
     return folder, [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
 
 

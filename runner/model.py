@@ -92,13 +92,6 @@ def add_lora(model, spec: SweepSpec, cfg: TrainSpec):
     return get_peft_model(model, lora)
 
 
-def load_model(spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: torch.dtype):
-    """A freshly loaded base with LoRA adapters (what one trial in a process of its own trains)."""
-    model = load_base(spec, device, dtype)
-    set_checkpointing(model, spec.model.gradient_checkpointing)
-    return add_lora(model, spec, cfg)
-
-
 class BaseModel:
     """The quantized base a worker loads once and keeps across its trials: each trial gets fresh LoRA adapters on
     it, which are taken off again when the trial ends, however it ends. Loads again only for another model,

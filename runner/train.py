@@ -20,14 +20,14 @@ import torch
 
 from runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from runner.data import SweepData, prepare_data
-from runner.model import BaseModel, load_model, make_optimizer, pick_precision
+from runner.model import BaseModel, make_optimizer, pick_precision
 from runner.peers import ALONE, Peers, sum_gradients
 from runner.step import (accumulate_fitting, choose_micro_batch, evaluate, is_checkpointing, label_count,
                          set_checkpointing, to_tensors)
 from sweeper.errors import SweeperError
 from sweeper.spec import SweepSpec
 
-__all__ = ["run_trial", "prepare_data", "load_model", "pick_precision", "quiet_libraries", "library_versions",
+__all__ = ["run_trial", "prepare_data", "pick_precision", "quiet_libraries", "library_versions",
            "result_attrs", "TrialResult", "Preempted", "NonFiniteLoss", "SweepData", "latest_checkpoint", "BaseModel",
            "Peers", "ALONE"]
 

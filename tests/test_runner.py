@@ -72,11 +72,12 @@ def test_trial_trains_a_4bit_nf4_base_with_lora_and_writes_its_checkpoint(demo_d
     assert len(list((tmp_path / "t0").glob("step-*"))) == 2  # older checkpoints are pruned
 
     # The QLoRA path itself, not a stand-in: the base linears are bitsandbytes 4-bit NF4.
-    from runner.train import load_model
+    from runner.model import BaseModel
 
-    model = load_model(small_spec(demo_dir), small_spec(demo_dir).trial_config(PARAMS), torch.device("cpu"), torch.float32)
-    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-    assert isinstance(base, bnb.nn.Linear4bit) and base.weight.quant_type == "nf4"
+    spec = small_spec(demo_dir)
+    with BaseModel().lora(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32) as model:
+        base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+        assert isinstance(base, bnb.nn.Linear4bit) and base.weight.quant_type == "nf4"
 
 
 def test_resumed_trial_ends_with_the_same_loss_as_an_uninterrupted_one(demo_dir, sweep_data, tmp_path):
@@ -215,23 +216,23 @@ def test_worker_does_not_start_a_trial_past_the_session_deadline(demo_dir, tmp_p
 
 def test_chunked_loss_equals_the_models_own_loss_and_gradients(demo_dir, sweep_data, monkeypatch):
     from runner import step
-    from runner.train import load_model
+    from runner.model import BaseModel
 
     spec = small_spec(demo_dir)
-    model = load_model(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32)
     batch = {k: v[:4] for k, v in step.to_tensors(sweep_data.train).items()}
     n_items = step.label_count(batch["labels"])
 
-    def loss_and_grads():
+    def loss_and_grads(model):
         model.zero_grad()
         loss = step.forward_loss(model, batch, torch.device("cpu"), torch.float32, n_items)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    monkeypatch.setattr(step, "LOSS_CHUNK_TOKENS", 100)  # several chunks, one of them ragged
-    chunked, chunked_grads = loss_and_grads()
-    monkeypatch.setattr(step, "CHUNKED_LOSS_MODELS", set())
-    plain, plain_grads = loss_and_grads()
+    with BaseModel().lora(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32) as model:
+        monkeypatch.setattr(step, "LOSS_CHUNK_TOKENS", 100)  # several chunks, one of them ragged
+        chunked, chunked_grads = loss_and_grads(model)
+        monkeypatch.setattr(step, "CHUNKED_LOSS_MODELS", set())
+        plain, plain_grads = loss_and_grads(model)
     torch.testing.assert_close(chunked, plain)
     for a, b in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -334,13 +335,13 @@ def step_gradients(model, batch, n_items: int) -> list[torch.Tensor]:
 
 @pytest.fixture
 def qlora_model(demo_dir, sweep_data):
+    from runner.model import BaseModel
     from runner.step import to_tensors
-    from runner.train import load_model
 
     spec = small_spec(demo_dir)
-    model = load_model(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32)
     batch = {k: v[:4] for k, v in to_tensors(sweep_data.train).items()}
-    return model, batch, to_tensors(sweep_data.eval), spec.trial_config(PARAMS)
+    with BaseModel().lora(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32) as model:
+        yield model, batch, to_tensors(sweep_data.eval), spec.trial_config(PARAMS)
 
 
 def test_an_eval_leaves_the_lora_gradients_of_a_training_step_bit_identical(qlora_model):
