@@ -18,6 +18,7 @@ from pathlib import Path
 from unittest import mock
 
 from runner import demo, model, run_worker
+from runner.train import quiet_libraries
 from sweeper.spec import load_spec
 from sweeper.storage import open_store
 from sweeper.study import create_study, enqueue, load_study
@@ -43,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=12)
     args = parser.parse_args()
-    train.quiet_libraries()
+    quiet_libraries()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     print(f"CPU has AVX512-BF16: {'yes' if 'avx512_bf16' in flags else 'no'}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sweeper.spec import SweepSpec, spec_from_dict  # noqa: E402
-from sweeper.study import grid_points, make_pruner, make_sampler, suggest  # noqa: E402
+from sweeper.study import grid_points, make_pruner, make_sampler, sampler_seed, suggest  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 TABLE = DATA / "grid_demo.json"
@@ -141,7 +141,7 @@ def load_table(path: Path = TABLE) -> Table:
 
 def sampler_of(spec: SweepSpec, name: str, worker_seed: int) -> optuna.samplers.BaseSampler:
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=zlib_seed(spec.seed, worker_seed), n_startup_trials=5)
+        return optuna.samplers.GPSampler(seed=sampler_seed(spec, worker_seed), n_startup_trials=5)
     return make_sampler(replace(spec, sampler=name), worker_seed)
 
 
@@ -152,12 +152,6 @@ def pruner_of(spec: SweepSpec, setting: Setting) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(n_startup_trials=min(4, spec.n_trials // 2),
                                            n_warmup_steps=max(1, int(spec.budget.evals * setting.warmup)) + 1)
     return make_pruner(replace(spec, pruner=setting.pruner))
-
-
-def zlib_seed(seed: int, worker: int) -> int:
-    import zlib
-
-    return zlib.crc32(f"{seed}:{worker}".encode())
 
 
 def nearest(values: list[float], x: float) -> float:

@@ -122,9 +122,14 @@ def _store_errors(url: str) -> Iterator[None]:
         raise SweeperError(f"store {redact(url)} failed: {first.replace(url, redact(url))}") from None
 
 
+def sampler_seed(spec: SweepSpec, worker_seed: int | None = None) -> int:
+    """The spec's seed, or a worker's own made from it: parallel workers with one seed would propose the same point."""
+    return spec.seed if worker_seed is None else zlib.crc32(f"{spec.seed}:{worker_seed}".encode())
+
+
 def make_sampler(spec: SweepSpec, worker_seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The spec's sampler. Each worker gets its own seed, or parallel workers would propose the same point."""
-    seed = spec.seed if worker_seed is None else zlib.crc32(f"{spec.seed}:{worker_seed}".encode())
+    """The spec's sampler, seeded by sampler_seed."""
+    seed = sampler_seed(spec, worker_seed)
     if spec.sampler == "tpe":
         # constant_liar keeps parallel workers from piling onto the same region.
         startup = max(3, min(10, spec.n_trials // 3))
