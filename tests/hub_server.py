@@ -20,11 +20,16 @@ Each behaviour and where it comes from:
   puts in every new model repo (*.safetensors, *.bin, *.pt, ...) and for files over 10 MB, else "regular".
 - POST /{repo}.git/info/lfs/objects/batch (Git LFS batch API, lfs.post_lfs_batch_info) -> per object an upload
   and a verify action, or no actions when the Hub holds the object already; then PUT to the upload href (the
-  object's bytes, whose sha256 must be its oid) and POST {oid, size} to the verify href (lfs.lfs_upload).
+  object's bytes, whose sha256 must be its oid) and POST {oid, size} to the verify href (lfs.lfs_upload, which
+  sends the HF token there too). The verify href is the repo's own (/{repo}.git/info/lfs/objects/verify, an
+  assumption: the Git LFS batch spec lets a server name any); size must be the uploaded object's.
 - POST /api/models/{repo}/commit/{revision}, Content-Type application/x-ndjson (_commit_api._send_commit): a
   "header" line {summary, description} first, then "file" {path, content, encoding: base64}, "lfsFile" {path,
-  algo: sha256, oid, size} (an oid never uploaded is refused) or "deletedFile" {path} lines -> {commitUrl,
-  commitOid}. Writing (preupload, LFS, commit) needs a write token of the repo's owner: else 403.
+  algo: sha256, oid, size} (an oid never uploaded, or a size not the object's, is refused: 422) or "deletedFile"
+  {path} lines -> {commitUrl, commitOid}. A "file" line for what preupload calls "lfs" (a pattern of the repo's
+  .gitattributes, or over 10 MB) is refused, 400, with the message users report from the Hub's check of pushes
+  ("Your push was rejected because it contains binary files" / "files larger than 10 MiB"; the status is assumed).
+  Writing (preupload, LFS batch and verify, commit) needs a write token of the repo's owner: else 403.
 - Only the `main` revision exists: another is 404 with X-Error-Code RevisionNotFound.
 """
 
@@ -49,7 +54,6 @@ class FakeHub:
         self.repos: dict[str, dict] = {}  # "user/name" -> {private, files: {path: bytes}, commits: [summary]}
         self.lfs: dict[str, bytes] = {}  # oid -> bytes, once uploaded and verified
         self.uploaded: dict[str, bytes] = {}  # oid -> bytes, uploaded and not yet verified
-        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,7 +63,6 @@ class FakeHub:
             def handle_one(self, method: str) -> None:
                 body = self.read_body()
                 path = unquote(urlsplit(self.path).path)
-                fake.requests.append((method, path, self.headers.get("Authorization")))
                 status, answer, headers = fake.route(method, path, self.headers, body)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
@@ -149,17 +152,10 @@ class FakeHub:
             if headers.get("Content-Type") != "application/x-ndjson":
                 return self.error(400, "commit payload must be application/x-ndjson")
             return self.commit(repo_id, body)
-        if m := re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path):
+        if m := re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/(batch|verify)", path):
             if (refused := self.writable(m.group(1), user, role, "main")) is not None:
                 return refused
-            return self.lfs_batch(json.loads(body))
-        if method == "POST" and (m := re.fullmatch(r"/lfs-verify/([0-9a-f]{64})", path)):
-            sent = json.loads(body)
-            pending = self.uploaded.pop(m.group(1), None)
-            if pending is None or sent.get("oid") != m.group(1) or sent.get("size") != len(pending):
-                return self.error(404, "object not uploaded")
-            self.lfs[m.group(1)] = pending
-            return 200, {"success": True}, {}
+            return self.lfs_batch(m.group(1), json.loads(body)) if m.group(2) == "batch" else self.verify(json.loads(body))
         return self.error(404, f"no route {method} {path}")
 
     def create(self, user: str, role: str, payload: dict) -> tuple[int, dict, dict]:
@@ -190,7 +186,14 @@ class FakeHub:
         return {"path": file["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
                 "oid": None if held is None else hashlib.sha256(held).hexdigest() if lfs else git_blob_oid(held)}
 
-    def lfs_batch(self, request: dict) -> tuple[int, dict, dict]:
+    def verify(self, sent: dict) -> tuple[int, dict, dict]:
+        pending = self.uploaded.get(sent.get("oid"))
+        if pending is None or sent.get("size") != len(pending):
+            return self.error(404, "object not uploaded")
+        self.lfs[sent["oid"]] = self.uploaded.pop(sent["oid"])
+        return 200, {"success": True}, {}
+
+    def lfs_batch(self, repo_id: str, request: dict) -> tuple[int, dict, dict]:
         if request.get("operation") != "upload" or "basic" not in request.get("transfers", ["basic"]):
             return self.error(422, "only basic uploads here")
         objects = []
@@ -198,7 +201,7 @@ class FakeHub:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if obj["oid"] not in self.lfs:
                 entry["actions"] = {"upload": {"href": f"{self.url}/lfs-upload/{obj['oid']}"},
-                                    "verify": {"href": f"{self.url}/lfs-verify/{obj['oid']}"}}
+                                    "verify": {"href": f"{self.url}/{repo_id}.git/info/lfs/objects/verify"}}
             objects.append(entry)
         return 200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
 
@@ -213,9 +216,14 @@ class FakeHub:
         for line in lines[1:]:
             key, value = line.get("key"), line.get("value", {})
             if key == "file" and value.get("encoding") == "base64":
-                files[value["path"]] = base64.b64decode(value["content"])
+                data = base64.b64decode(value["content"])
+                if self.upload_mode(repo_id, {"path": value["path"], "size": len(data)})["uploadMode"] == "lfs":
+                    return self.error(400, "Your push was rejected because it contains "
+                                      + ("files larger than 10 MiB" if len(data) > LFS_SIZE else "binary files")
+                                      + ". Please use Git LFS to store them")
+                files[value["path"]] = data
             elif key == "lfsFile" and value.get("algo") == "sha256":
-                if value["oid"] not in self.lfs:
+                if value["oid"] not in self.lfs or value.get("size") != len(self.lfs[value["oid"]]):
                     return self.error(422, "Your push was rejected because an LFS pointer pointed to a file that "
                                            "does not exist")
                 files[value["path"]] = self.lfs[value["oid"]]

@@ -81,6 +81,30 @@ def files_of(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
+def assert_pushed_is_merged(repo: dict, out: Path) -> None:
+    """The Hub repo holds the merged model's files, byte for byte."""
+    assert {name: hashlib.sha256(data).hexdigest() for name, data in repo["files"].items()} == files_of(out / "merged")
+
+
+def stopped_after_one_step(args: list[str], monkeypatch) -> tuple:
+    """`sweeper full-run ARGS` stopped by its deadline after one step: (the result, the STOPPED line's match)."""
+    monkeypatch.setenv("SWEEPER_DEADLINE_HOURS", STOP_AFTER_ONE_STEP)
+    first = CliRunner().invoke(cli, args)
+    stopped = STOPPED.fullmatch(first.stderr.strip().splitlines()[-1])
+    assert first.exit_code == 1 and stopped, first.output
+    return first, stopped
+
+
+def run_again(args: list[str], prompts: str, tmp_path: Path, monkeypatch) -> tuple:
+    """`sweeper full-run ARGS` run again without a deadline, sampling `prompts` (a line each): (the result, its JSON)."""
+    monkeypatch.delenv("SWEEPER_DEADLINE_HOURS")
+    path = tmp_path / "prompts.txt"
+    path.write_text(prompts)
+    again = CliRunner().invoke(cli, [*args, "--prompts", str(path)])
+    assert again.exit_code == 0, again.output
+    return again, json.loads(again.stdout)
+
+
 def assert_merged_is_base_plus_adapter(out: Path, model_dir: Path) -> None:
     """The merged model loads with transformers and computes what the base with the adapter (peft) computes."""
     import torch
@@ -104,19 +128,12 @@ def test_a_stopped_full_run_continues_from_its_checkpoint_then_merges_samples_an
     monkeypatch.setenv("HF_TOKEN", token)
     args = ["full-run", "--store", store, "--out", str(out), "--checkpoint-every", "1", "--push-to", "alice/tiny-full"]
 
-    monkeypatch.setenv("SWEEPER_DEADLINE_HOURS", STOP_AFTER_ONE_STEP)
-    first = CliRunner().invoke(cli, args)
-    assert first.exit_code == 1, first.output
-    stopped = STOPPED.fullmatch(first.stderr.strip().splitlines()[-1])
-    assert stopped and stopped.group(1) == str(out / "checkpoints" / "step-000001")
+    first, stopped = stopped_after_one_step(args, monkeypatch)
+    assert stopped.group(1) == str(out / "checkpoints" / "step-000001")
     assert not (out / "merged").exists() and hub.repos["alice/tiny-full"]["files"] == {}  # the repo is made up front
 
-    monkeypatch.delenv("SWEEPER_DEADLINE_HOURS")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("in the garden, bob has 3 keys and\n\nin the tower, judy has\n")
-    second = CliRunner().invoke(cli, [*args, "--prompts", str(prompts)])
-    assert second.exit_code == 0, second.output
-    done = json.loads(second.stdout)
+    second, done = run_again(args, "in the garden, bob has 3 keys and\n\nin the tower, judy has\n", tmp_path,
+                             monkeypatch)
     assert done["resumed_from_step"] == 1 and done["steps"] == 2  # continued, not restarted
     assert f"resuming from {out / 'checkpoints' / 'step-000001'} (step 1/2)" in second.stderr
     assert "trained 2 steps (continued from step 1): eval loss" in second.stderr
@@ -128,7 +145,7 @@ def test_a_stopped_full_run_continues_from_its_checkpoint_then_merges_samples_an
 
     repo = hub.repos["alice/tiny-full"]
     assert repo["private"] and repo["commits"] == ["sweeper full run of study demo, best trial #0"]
-    assert {name: hashlib.sha256(data).hexdigest() for name, data in repo["files"].items()} == files_of(out / "merged")
+    assert_pushed_is_merged(repo, out)
     assert "model.safetensors" in repo["files"] and done["pushed"] == f"{hub.url}/alice/tiny-full"
     assert token not in first.output + second.output
 
@@ -175,21 +192,14 @@ def test_a_stopped_full_run_continues_its_own_config_after_the_studys_best_moves
     shutil.copy(best_study[0].removeprefix("sqlite:///"), db)
     store, out = f"sqlite:///{db}", tmp_path / "full"
     args = ["full-run", "--store", store, "--out", str(out), "--checkpoint-every", "1"]
-    monkeypatch.setenv("SWEEPER_DEADLINE_HOURS", STOP_AFTER_ONE_STEP)
-    first = CliRunner().invoke(cli, args)
-    assert first.exit_code == 1 and STOPPED.fullmatch(first.stderr.strip().splitlines()[-1]), first.output
+    stopped_after_one_step(args, monkeypatch)
 
     study, _ = load_study(open_store(store), "demo")
     (best,) = study.get_trials()
     study.add_trial(optuna.trial.create_trial(params={**best.params, "learning_rate": 1e-3},
                                               distributions=best.distributions, value=best.value / 2))
-    monkeypatch.delenv("SWEEPER_DEADLINE_HOURS")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("in the garden, bob has\n")
-    again = CliRunner().invoke(cli, [*args, "--prompts", str(prompts)])
+    again, done = run_again(args, "in the garden, bob has\n", tmp_path, monkeypatch)
 
-    assert again.exit_code == 0, again.output
-    done = json.loads(again.stdout)
     assert (done["best_trial"], done["resumed_from_step"], done["steps"]) == (0, 1, 2)
     assert "full run of study 'demo': best trial #0, learning rate 0.003, batch size 16" in again.stderr
     assert "the study's best has moved since this full run started: now trial #1 (eval loss " in again.stderr
@@ -271,7 +281,8 @@ def test_each_failure_a_user_can_cause_is_one_line_before_any_training(case, cod
     out = tmp_path / "full"
     args = ["full-run", "--store", store, "--out", str(out), "--push-to", "alice/m"]
     tokens = {"bad token": "hf_not_a_token_the_hub_issued", "read token": hub.add_token("alice", "read")}
-    monkeypatch.setenv("HF_TOKEN", tokens.get(case) or hub.add_token("alice"))
+    token = tokens.get(case) or hub.add_token("alice")
+    monkeypatch.setenv("HF_TOKEN", token)
     if case == "no complete trial":
         args[2] = request.getfixturevalue("empty_study")
     elif case == "no token":
@@ -294,7 +305,7 @@ def test_each_failure_a_user_can_cause_is_one_line_before_any_training(case, cod
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == code and lines[-1].startswith(error.replace("{out}", str(out))), result.output
     assert "Traceback" not in result.output and not (out / "checkpoints").exists()
-    assert all(token not in result.output for token in tokens.values())
+    assert all(secret not in result.output for secret in [token, *tokens.values()])
 
 
 def test_the_hub_stand_in_refuses_what_the_hub_refuses(hub):
@@ -322,6 +333,24 @@ def test_the_hub_stand_in_refuses_what_the_hub_refuses(hub):
     ndjson = {**auth, "Content-Type": "application/x-ndjson"}
     assert http.post(commit, headers=ndjson, content=f"{header}\n{pointer}\n").status_code == 422  # never uploaded
     assert http.post(commit, headers=ndjson, content=pointer + "\n").status_code == 400  # no header line first
+    weights = json.dumps({"key": "file", "value": {"path": "w.safetensors", "encoding": "base64", "content": "AAAA"}})
+    refused = http.post(commit, headers=ndjson, content=f"{header}\n{weights}\n")
+    assert refused.status_code == 400 and "binary files" in refused.headers["X-Error-Message"]  # not through LFS
+
+    data = b"weights"
+    oid = hashlib.sha256(data).hexdigest()
+    batch = http.post(f"{hub.url}/alice/m.git/info/lfs/objects/batch", headers=auth, json={
+        "operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(data)}]}).json()
+    actions = batch["objects"][0]["actions"]
+    assert http.put(actions["upload"]["href"], content=data).status_code == 200
+    verify = actions["verify"]["href"]
+    read_only = {"Authorization": f"Bearer {hub.add_token('alice', 'read')}"}
+    assert http.post(verify, headers=read_only, json={"oid": oid, "size": len(data)}).status_code == 403
+    assert http.post(verify, headers=auth, json={"oid": oid, "size": len(data) + 1}).status_code == 404
+    assert http.post(verify, headers=auth, json={"oid": oid, "size": len(data)}).status_code == 200
+    wrong_size = json.dumps({"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": oid,
+                                                         "size": len(data) + 1}})
+    assert http.post(commit, headers=ndjson, content=f"{header}\n{wrong_size}\n").status_code == 422
     assert hub.repos["alice/m"]["commits"] == []
 
 
@@ -358,8 +387,7 @@ def test_the_full_run_notebook_stopped_then_run_again_continues_merges_and_pushe
     assert shown.count("  before: ") == 3 and shown.count("  after:  ") == 3
     assert f"pushed to {hub.url}/alice/nb-full" in shown
     assert_merged_is_base_plus_adapter(out, model_dir)
-    repo = hub.repos["alice/nb-full"]
-    assert {name: hashlib.sha256(data).hexdigest() for name, data in repo["files"].items()} == files_of(out / "merged")
+    assert_pushed_is_merged(hub.repos["alice/nb-full"], out)
     assert token not in path.read_text() + nbformat.writes(first) + nbformat.writes(second)
 
 
