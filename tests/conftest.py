@@ -81,6 +81,24 @@ def data_file(folder: Path) -> Path:
 
 
 @pytest.fixture
+def fast_trainer(monkeypatch):
+    """tests/fast_trainer.py, for run_worker(trainer=...), on a machine that reports no GPU (as its main() does: no
+    torch to import). Each test sets its STEP_S."""
+    import fast_trainer as trainer
+    import runner.platform
+
+    monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
+    return trainer
+
+
+@pytest.fixture(autouse=True)
+def no_store_from_the_environment(monkeypatch):
+    """A store or study set in the shell that runs the tests never reaches a command under test."""
+    monkeypatch.delenv("SWEEPER_STORE", raising=False)
+    monkeypatch.delenv("SWEEPER_STUDY", raising=False)
+
+
+@pytest.fixture
 def spec_table(tmp_path: Path) -> dict:
     """The small valid sweep as plain data, a fresh copy for each test to change; its data file is tmp_path's."""
     table = tomllib.loads(SPEC_TOML)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
+import test_cli
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+import sweeper.accounts as accounts_module
 from sweeper.accounts import accounts, parse_allowances, trial_gpu_hours
-from sweeper.cli import cli
 from sweeper.record import LEASE, RESULT, STALE_REASON, WORKER
 from sweeper.spec import load_spec
 from sweeper.study import create_study, load_study
@@ -102,15 +103,20 @@ def test_a_bare_weekly_allowance_applies_to_every_platform_and_a_named_one_wins(
 
 
 def sweeper(*args: str, columns: int = 80):
-    return CliRunner().invoke(cli, list(args), env={"COLUMNS": str(columns), "SWEEPER_STORE": None}, catch_exceptions=False)
+    return test_cli.sweeper(*args, env={"COLUMNS": str(columns)})
 
 
-@pytest.fixture(scope="module")
-def this_week(tmp_path_factory) -> str:
-    """The same trials, around the real current week, for the command (which reads the real clock)."""
-    now = dt.datetime.now()
-    return make_study(tmp_path_factory.mktemp("accounts-now"), dt.datetime(now.year, now.month, now.day)
-                      - dt.timedelta(days=now.weekday()))
+@pytest.fixture
+def this_week(fixed_week, monkeypatch) -> str:
+    """The fixed week's store, for the command, whose clock reads NOW: no figure moves if the suite runs over
+    Sunday midnight."""
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return NOW
+
+    monkeypatch.setattr(accounts_module, "dt", SimpleNamespace(**{**vars(dt), "datetime": Frozen}))
+    return fixed_week
 
 
 @pytest.mark.parametrize("columns", [80, 200])

@@ -23,12 +23,6 @@ from sweeper.cli import cli
 from sweeper.study import grid_points, load_study, suggest
 
 
-@pytest.fixture(autouse=True)
-def no_store_from_the_environment(monkeypatch):
-    monkeypatch.delenv("SWEEPER_STORE", raising=False)
-    monkeypatch.delenv("SWEEPER_STUDY", raising=False)
-
-
 def sweeper(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
 

@@ -8,10 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 from optuna.trial import TrialState
+from test_cli import sweeper
 
-from sweeper.cli import cli
 from sweeper.configs import RULE, best_notes, group_configs
 from sweeper.record import SEED
 from sweeper.leases import hand_over
@@ -20,16 +19,6 @@ from sweeper.study import load_study, suggest
 A = {"learning_rate": 1e-4, "batch_size": 8}
 B = {"learning_rate": 5e-4, "batch_size": 16}
 C = {"learning_rate": 1e-3, "batch_size": 8}
-
-
-@pytest.fixture(autouse=True)
-def no_store_from_the_environment(monkeypatch):
-    monkeypatch.delenv("SWEEPER_STORE", raising=False)
-    monkeypatch.delenv("SWEEPER_STUDY", raising=False)
-
-
-def sweeper(*args: str) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def init(spec_toml, url: str) -> str:
@@ -142,12 +131,9 @@ def test_a_repeat_runs_with_its_own_seed_and_joins_its_config(any_store):
     assert (result["trials"], result["train"]["seed"]) == ([0, 1], 0) and math.isclose(result["eval_loss"], 1.2)
 
 
-def test_a_worker_hands_each_repeat_its_own_seed_to_train_with(store, tmp_path, monkeypatch):
-    import fast_trainer
-    import runner.platform
+def test_a_worker_hands_each_repeat_its_own_seed_to_train_with(store, tmp_path, monkeypatch, fast_trainer):
     from runner import run_worker
 
-    monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
     monkeypatch.setattr(fast_trainer, "STEP_S", 0.001)
     run(store, B, 1.1)
     sweeper("enqueue", "--store", store, "--repeat", "2", "--top", "1")
@@ -163,12 +149,9 @@ def test_a_worker_hands_each_repeat_its_own_seed_to_train_with(store, tmp_path, 
     assert json.loads(sweeper("best", "--store", store, "--json").stdout)["trials"] == [0, 1, 2]
 
 
-def test_a_worker_never_prunes_a_repeat_but_prunes_a_new_trial_as_bad(store, tmp_path, monkeypatch):
-    import fast_trainer
-    import runner.platform
+def test_a_worker_never_prunes_a_repeat_but_prunes_a_new_trial_as_bad(store, tmp_path, monkeypatch, fast_trainer):
     from runner import run_worker
 
-    monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
     monkeypatch.setattr(fast_trainer, "STEP_S", 0.001)
     study, spec = load_study(store, "demo")  # the median pruner, past its 4 startup trials from here
     for _ in range(4):  # finished trials far better at every eval than any the fast trainer makes

@@ -49,12 +49,11 @@ def get_json(url: str) -> object:
 
 
 @contextmanager
-def dashboard(store: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def dashboard(store: str) -> Iterator[str]:
     """`sweeper dashboard` in a process of its own on a free loopback port; yields its base URL once it answers."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "sweeper.cli", "dashboard", "--store", store, "--port", str(port)],
-                               env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):  # a bounded wait for it to listen: up to 60 s on a loaded machine
@@ -126,7 +125,7 @@ def test_dashboard_serves_a_google_sheet(tmp_path, monkeypatch):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         url = make_study(tmp_path, N_COMPLETE, N_PRUNED, url=f"gsheets://{fake.add_spreadsheet(editors=[account['client_email']])}")
-        with dashboard(url, env) as base:
+        with dashboard(url) as base:
             assert_shows_every_trial(the_study(base))
 
 

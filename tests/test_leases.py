@@ -203,15 +203,13 @@ def test_sigterm_checkpoints_and_hands_the_trial_over_and_the_next_worker_resume
     assert trials[1].user_attrs["result"]["resumed_from_step"] == stopped_at  # not one step redone
 
 
-def test_the_session_deadline_mid_trial_checkpoints_and_hands_the_trial_over(tmp_path, spec_table, monkeypatch):
+def test_the_session_deadline_mid_trial_checkpoints_and_hands_the_trial_over(tmp_path, spec_table, monkeypatch,
+                                                                              fast_trainer):
     import tomli_w
 
-    import fast_trainer
-    import runner.platform
     import runner.worker
     from runner import run_worker
 
-    monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
     monkeypatch.setattr(runner.worker, "DEADLINE_MARGIN_S", 2.0)  # "5 minutes before the end", scaled down
     monkeypatch.setattr(fast_trainer, "STEP_S", 0.4)  # a 3.2 s trial, in a session with 4 s left
     (tmp_path / "sweep.toml").write_text(tomli_w.dumps(spec_table))

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from click.testing import CliRunner
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from test_cli import sweeper
 
-from sweeper.cli import cli
 from sweeper.record import RESULT, WORKER
 from sweeper.spec import load_spec
 from sweeper.study import create_study, load_study
@@ -45,11 +44,6 @@ def make_study(folder: Path, n_complete: int, n_pruned: int = 0, url: str | None
             user_attrs={WORKER: {"id": "alice/0", "account": "alice", "platform": "kaggle", "gpu": "Tesla T4"},
                         RESULT: {"wall_time_s": 600.0}}))
     return url
-
-
-def sweeper(*args) -> object:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"SWEEPER_STORE": None, "SWEEPER_STUDY": None},
-                              catch_exceptions=False)
 
 
 class _Page(HTMLParser):

@@ -31,13 +31,6 @@ from sweeper.storage import open_storage, store_lock
 from sweeper.study import create_study, grid_points, load_study, suggest
 
 
-@pytest.fixture(autouse=True)
-def no_store_from_the_environment(monkeypatch):
-    monkeypatch.delenv("SWEEPER_STORE", raising=False)
-    monkeypatch.delenv("SWEEPER_STUDY", raising=False)
-
-
-
 def sql(url: str, query: str) -> list[tuple]:
     with contextlib.closing(psycopg2.connect(url)) as conn:
         conn.autocommit = True

@@ -6,9 +6,9 @@ import json
 import time
 
 import pytest
-from click.testing import CliRunner, Result
+import test_cli
+from click.testing import Result
 
-from sweeper.cli import cli
 from sweeper.record import SEED
 from sweeper.leases import LEASE, hand_over
 from sweeper.study import load_study, suggest
@@ -28,12 +28,6 @@ def result(checkpoint: str, eval_losses: list[float]) -> dict:
             "checkpoint": checkpoint, "resumed_from_step": 0, "gpus": 1,
             "versions": {"torch": "2.9.1", "transformers": "4.57.3", "peft": "0.18.0", "bitsandbytes": "0.49.0",
                          "optuna": "4.6.0"}}
-
-
-@pytest.fixture(autouse=True)
-def no_store_from_the_environment(monkeypatch):
-    monkeypatch.delenv("SWEEPER_STORE", raising=False)
-    monkeypatch.delenv("SWEEPER_STUDY", raising=False)
 
 
 @pytest.fixture
@@ -71,7 +65,7 @@ def store(spec_toml, tmp_path) -> str:
 
 
 def sweeper(columns: int, *args: str) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": str(columns)}, catch_exceptions=False)
+    return test_cli.sweeper(*args, env={"COLUMNS": str(columns)})
 
 
 @pytest.mark.parametrize("columns", [80, 200])

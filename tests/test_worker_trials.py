@@ -8,15 +8,12 @@ from types import SimpleNamespace
 import optuna
 from test_cli import sweeper
 
-import fast_trainer
 from sweeper.leases import LEASE, Heartbeat
 
 
-def test_a_worker_hands_one_base_model_to_every_trial_it_runs(tmp_path, spec_toml, monkeypatch):
-    import runner.platform
+def test_a_worker_hands_one_base_model_to_every_trial_it_runs(tmp_path, spec_toml, monkeypatch, fast_trainer):
     from runner import run_worker
 
-    monkeypatch.setattr(runner.platform, "gpu_info", lambda: ("cpu", 0, 0.0))
     monkeypatch.setattr(fast_trainer, "STEP_S", 0.01)
     url = f"sqlite:///{tmp_path / 's.db'}"
     assert sweeper("init", spec_toml, "--store", url).exit_code == 0
