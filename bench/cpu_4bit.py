@@ -2,7 +2,7 @@
 before that fix (bitsandbytes repacking the weights at the first eval), in the same run.
 
 On a CPU with AVX512-BF16, bitsandbytes 0.49-0.50 repacks each 4-bit weight into an inference-only format at
-the first eval-mode forward; training after that goes through a kernel with no backward (DESIGN.md). Both
+the first eval-mode forward; training after that goes through a kernel with no backward (docs/design.md). Both
 sweeps use the demo's spec, its enqueued points and the same worker id, so the same sampler seed; they differ
 only in runner.model.keep_4bit_weights_trainable. On a CPU without AVX512-BF16 both print the same figures.
 

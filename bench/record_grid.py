@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner.demo import prepare_demo  # noqa: E402
-from runner.train import NonFiniteLoss, library_versions, prepare_data, quiet_libraries, run_trial  # noqa: E402
+from runner.train import library_versions, prepare_data, quiet_libraries, run_trial  # noqa: E402
 from sweeper.spec import load_spec  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "data" / "grid_demo.json"
@@ -113,11 +113,11 @@ def main() -> None:
 
         params = {"learning_rate": lr, "batch_size": bs, "seed": seed}
         state, steps, tps = "COMPLETE", None, None
-        try:
-            result = run_trial(spec, params, work / f"trial-{n}", seeded, report, device="cpu", log=lambda s: None)
+        result = run_trial(spec, params, work / f"trial-{n}", seeded, report, device="cpu", log=lambda s: None)
+        if result.diverged:
+            state = "FAIL"  # diverged (the grid files' name for it; the runner tells such a trial PRUNED)
+        else:
             steps, tps = result.total_steps, result.tokens_per_s
-        except NonFiniteLoss:
-            state = "FAIL"  # diverged: a real sweep records the trial as failed at this point
         wall = round(time.perf_counter() - started, 3)
         cpu = round(time.process_time() - cpu_started, 3)
         trials.append({"learning_rate": lr, "batch_size": bs, "seed": seed, "state": state, "steps": steps,

@@ -207,13 +207,13 @@ def replay(table: Table, setting: str, workers: int, seed: int, n_trials: int | 
         trial, run, began, point = running[w]
         reached = k * every <= len(run["evals"])
         state = None
-        if not reached:  # diverged before this eval: failed, as the runner's NonFiniteLoss ends it
-            state, value = TrialState.FAIL, None
+        if not reached:  # diverged before this eval: told PRUNED, as the runner tells a diverged trial
+            state, value = TrialState.PRUNED, None
         else:
             value = run["evals"][k * every - 1][1]
             trial.report(value, k)
             if k == e:
-                state = TrialState.COMPLETE if run["state"] == "COMPLETE" else TrialState.FAIL
+                state = TrialState.COMPLETE if run["state"] == "COMPLETE" else TrialState.PRUNED
             elif trial.should_prune():
                 state = TrialState.PRUNED
         if state is None:

@@ -38,6 +38,9 @@ from runner.train import BaseModel, SweepData, quiet_libraries, run_trial  # noq
 from sweeper.spec import BudgetSpec, DataSpec, ModelSpec, SweepSpec, TrainSpec  # noqa: E402
 
 CONFIGS = {
+    # A Llama in miniature: bench/gpu_check.py --cpu runs every part of its table on it, on 2 cores, in minutes.
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=2000),
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=8000),
     # TinyLlama-1.1B's shape, the model Unsloth's T4 figure is for.

@@ -62,7 +62,7 @@ def full_run(store: str, study: str | None = None, *, out: str | Path | None = N
     from runner.worker import StopRequest
     from sweeper.report import best_config
     from sweeper.storage import open_store
-    from sweeper.study import load_study
+    from sweeper.study import checkpoint_folder, load_study
 
     if train_tokens is not None and epochs is not None:
         raise UserError("give --train-tokens or --epochs, not both")
@@ -71,7 +71,7 @@ def full_run(store: str, study: str | None = None, *, out: str | Path | None = N
     require_gpu(platform, allow_cpu)
     optuna_study, spec = load_study(open_store(store), study)
     config = best_config(optuna_study, spec)
-    out = Path(out).expanduser() if out else platform.checkpoint_root / spec.study / "full-run"
+    out = Path(out).expanduser() if out else platform.checkpoint_root / checkpoint_folder(optuna_study) / "full-run"
 
     docs = documents(spec)  # tokenized once: an epoch is counted in these documents, and they are trained on
     tokenizer, train_docs, eval_docs = docs
@@ -108,6 +108,10 @@ def full_run(store: str, study: str | None = None, *, out: str | Path | None = N
     finally:
         if bar is not None:
             bar.close()
+    if result.diverged:
+        raise SweeperError(f"the full run diverged: {result.diverged}; nothing was merged or pushed. Its last "
+                           f"checkpoint is {result.checkpoint or 'not written'}; a lower learning rate (or bf16 where "
+                           "the GPU has it) trains further")
     log(f"trained {result.steps} steps" + (f" (continued from step {result.resumed_from_step})"
                                             if result.resumed_from_step else "")
         + (f": eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))

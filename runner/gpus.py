@@ -1,6 +1,6 @@
 """Two GPUs, two trials at once: one worker process per visible GPU, each seeing only its own GPU.
 
-On Kaggle's T4 x2 one worker per GPU keeps both busy (DESIGN.md: not device_map="auto", which leaves one idle).
+On Kaggle's T4 x2 one worker per GPU keeps both busy (docs/design.md: not device_map="auto", which leaves one idle).
 A spec with `gpus_per_trial = 2` trains each trial on two GPUs at once instead (runner/parallel.py): one worker
 per pair. With a single group of GPUs (or none) the worker runs in this process.
 """

@@ -5,29 +5,60 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import inspect
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 from runner.hub import cannot_load
 from runner.step import FUSED_LOSS, set_checkpointing
+from sweeper.errors import UserError
 from sweeper.spec import SweepSpec, TrainSpec
 
 # Architectures Liger Kernel patches (RMSNorm, RoPE, SwiGLU) and whose loss runner.step can fuse.
 LIGER_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+# What we ask of Liger's apply function: its own norms, RoPE and SwiGLU; the loss is ours (runner.step).
+LIGER_KWARGS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+MIN_TRITON_CAPABILITY = (7, 0)  # Triton refuses older GPUs (the P100 is 6.0)
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device to train on, named one way (`cuda:0`, not `cuda`): the kept base is keyed by it, and the preflight
+    and the trials must find the same one. None: the current GPU, else the CPU."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Native bf16: GPUs of compute capability 8.0 and up, and the CPU. (torch.cuda.is_bf16_supported says yes on a
+    T4 too, where bf16 is emulated, slowly.)"""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def pick_precision(device: torch.device, asked: str | None = None) -> torch.dtype:
-    """bf16 on GPUs that have it (compute capability 8+), fp16 on T4/P100, fp32 on the CPU."""
-    asked = asked or os.environ.get("SWEEPER_PRECISION")
+    """bf16 on GPUs that have it (compute capability 8+), fp16 on T4/P100, fp32 on the CPU. A precision asked for
+    (argument, else SWEEPER_PRECISION) that the device lacks is refused in one line."""
+    asked = asked or os.environ.get("SWEEPER_PRECISION", "").strip() or None
     if asked:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[asked]
+        if asked not in PRECISIONS:
+            raise UserError(f"SWEEPER_PRECISION must be one of {', '.join(PRECISIONS)} (got {asked!r})")
+        if asked == "bf16" and not bf16_supported(device):
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+            raise UserError(f"precision bf16 was asked for, but the {name} has no bf16 (compute capability "
+                            f"{capability_text(device)}, bf16 needs 8.0): use fp16, or leave the precision to sweeper")
+        return PRECISIONS[asked]
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if bf16_supported(device) else torch.float16
+
+
+def capability_text(device: torch.device) -> str:
+    """'7.5' for a T4; '' off CUDA."""
+    return ".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else ""
 
 
 def load_base(spec: SweepSpec, device: torch.device, dtype: torch.dtype):
@@ -37,7 +68,7 @@ def load_base(spec: SweepSpec, device: torch.device, dtype: torch.dtype):
 
     quant = None
     if spec.model.quantize == "nf4":
-        # On T4 the 4-bit compute dtype must be fp16: the fp32 default is slow (DESIGN.md).
+        # On T4 the 4-bit compute dtype must be fp16: the fp32 default is slow (docs/design.md).
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=dtype)
     try:
@@ -58,7 +89,7 @@ def load_base(spec: SweepSpec, device: torch.device, dtype: torch.dtype):
 def keep_4bit_weights_trainable(model) -> None:
     """Keep every 4-bit weight in the format that trains: bitsandbytes 0.49+ (on a CPU with AVX512-BF16) repacks it
     in place at the first eval-mode forward into an inference-only layout, whose kernel (gemv_4bit) has no backward
-    and which save_pretrained unpacks lossily (DESIGN.md). The layer's own switch for that is
+    and which save_pretrained unpacks lossily (docs/design.md). The layer's own switch for that is
     `support_avx512bf16_for_cpu`; versions without it never repack. GPUs never repack: only CPU models get here."""
     import bitsandbytes as bnb
 
@@ -67,19 +98,54 @@ def keep_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def use_fused_kernels(model, device: torch.device) -> bool:
-    """Liger Kernel's fused RMSNorm, RoPE and SwiGLU, and its fused linear cross-entropy as the loss, where it is
-    installed (the `liger` extra), on CUDA, for the architectures it supports; True if they are now in use."""
-    if (device.type != "cuda" or model.config.model_type not in LIGER_MODELS
-            or importlib.util.find_spec("liger_kernel") is None):
-        return False
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, _apply_liger_kernel_to_instance
+def fused_kernels_unavailable(model, device: torch.device) -> str:
+    """Why Liger Kernel's fused kernels cannot run on this model and device; "" when they can (the preflight then
+    decides, by comparing them with the unfused path: runner/doctor.py)."""
+    if device.type != "cuda":
+        return "Liger Kernel runs on CUDA GPUs only"
+    if torch.cuda.get_device_capability(device) < MIN_TRITON_CAPABILITY:
+        return f"Triton needs compute capability 7.0 or more; this GPU has {capability_text(device)}"
+    if model.config.model_type not in LIGER_MODELS:
+        return f"no fused kernels for {model.config.model_type} models"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (the `liger` extra)"
+    apply = _liger_apply_function(model.config.model_type)
+    if apply is None:
+        return f"this liger-kernel has no kernels for {model.config.model_type} models"
+    # Liger's own dispatcher drops arguments its apply function does not take, without a word: a renamed one would
+    # silently switch a default on (its fused loss in place of ours). Ours must all be taken.
+    missing = sorted(set(LIGER_KWARGS) - set(inspect.signature(apply).parameters))
+    if missing:
+        return f"this liger-kernel's {apply.__name__} takes no {', '.join(missing)}"
+    return ""
 
-    # The loss is ours (runner.step calls the fused one on the last hidden state), so the model's forward stays.
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+
+def _liger_apply_function(model_type: str):
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+
+
+def apply_fused_kernels(model) -> Callable[[], None]:
+    """Liger Kernel's fused RMSNorm, RoPE and SwiGLU on the model, and its fused linear cross-entropy as the loss
+    (runner.step calls it on the last hidden state, so the model's forward stays). Only after
+    fused_kernels_unavailable said "". Liger also replaces the modeling module's own functions and classes (RoPE, the
+    norm, the MLP) for the whole process: the function returned puts them back, for a base loaded again unfused."""
+    import importlib
+
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    modeling = importlib.import_module(type(model).__module__)
+    before = dict(vars(modeling))
+    _liger_apply_function(model.config.model_type)(model=model, **LIGER_KWARGS)
     setattr(model, FUSED_LOSS, LigerFusedLinearCrossEntropyLoss(reduction="sum"))
-    return True
+
+    def undo() -> None:
+        for name, value in before.items():
+            if getattr(modeling, name, None) is not value:
+                setattr(modeling, name, value)
+
+    return undo
 
 
 def add_lora(model, spec: SweepSpec, cfg: TrainSpec):
@@ -95,22 +161,28 @@ def add_lora(model, spec: SweepSpec, cfg: TrainSpec):
 class BaseModel:
     """The quantized base a worker loads once and keeps across its trials: each trial gets fresh LoRA adapters on
     it, which are taken off again when the trial ends, however it ends. Loads again only for another model,
-    device or precision."""
+    device or precision. Fused kernels run on it only once the preflight found them equal to the unfused path
+    (runner/doctor.py sets `fused`); a base loaded again runs unfused."""
 
     def __init__(self):
         self.model, self.key, self.fused = None, None, False
 
-    @contextmanager
-    def lora(self, spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: torch.dtype) -> Iterator:
+    def load(self, spec: SweepSpec, device: torch.device, dtype: torch.dtype):
+        """The base for this model, device and precision: the one kept, or loaded now."""
         key = (spec.model.id, spec.model.quantize, str(device), dtype)
         if key != self.key:
             self.model = self.key = None  # the old base goes with the last trial's leftovers, just below
+            self.fused = False
         # The last trial's optimizer, scaler and checkpoint saver lived in run_trial's frame, which outlived our
         # finally: only now are they unreachable, so free them here, before this trial allocates.
         free_memory(device)
         if self.model is None:
-            self.model = load_base(spec, device, dtype)
-            self.fused, self.key = use_fused_kernels(self.model, device), key
+            self.model, self.key = load_base(spec, device, dtype), key
+        return self.model
+
+    @contextmanager
+    def lora(self, spec: SweepSpec, cfg: TrainSpec, device: torch.device, dtype: torch.dtype) -> Iterator:
+        self.load(spec, device, dtype)
         set_checkpointing(self.model, spec.model.gradient_checkpointing)  # a trial may have turned it on or off
         model = add_lora(self.model, spec, cfg)
         try:

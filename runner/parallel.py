@@ -161,6 +161,32 @@ def _lost_a_peer(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower()
 
 
+def preflight_apart(spec: SweepSpec, sweep_data: SweepData, device: str, precision: str | None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The preflight (runner/doctor.py) on a trial's first GPU, in a process of its own: the worker's process trains
+    nothing, and a CUDA context of its own would hold memory on that GPU for the worker's whole life. Its check lines
+    are logged from the card it returns."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    data = SweepData(None, sweep_data.train, sweep_data.eval)  # the tokenizer stays here, as for a trial
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            card = pool.submit(_preflight, spec, data, device, precision).result()
+    except BrokenProcessPool:
+        raise SweeperError(f"preflight failed: its process on {device} died without a word") from None
+    for c in card["checks"]:
+        log(f"  preflight {c['name']}: {c['status']} ({c['detail']})")
+    return card
+
+
+def _preflight(spec: SweepSpec, data: SweepData, device: str, precision: str | None) -> dict[str, Any]:
+    from runner.train import BaseModel, preflight
+
+    quiet_libraries()
+    return preflight(spec, data, BaseModel(), device=device, precision=precision, log=lambda line: None)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,9 @@ from pathlib import Path
 from sweeper.errors import SweeperError, UserError, env_number
 from sweeper.platforms import DRIVE_MOUNT, platform_name
 
-SESSION_HOURS = {"colab": 12.0, "kaggle": 12.0}
+# How long a notebook session lasts (checked 2026-12): Colab's runtimes about 12 h; Kaggle's 2026 quota message gives
+# its GPU sessions 9 h (and an account 30 GPU-hours a week, 2 GPU sessions at once).
+SESSION_HOURS = {"colab": 12.0, "kaggle": 9.0}
 
 
 @dataclass
@@ -88,7 +90,7 @@ def shared_checkpoints(platform: Platform) -> bool:
 
 
 def session_deadline(name: str, hours: float | None) -> float:
-    """Notebook sessions end about 12 h after they started (session_start); elsewhere only when asked."""
+    """Notebook sessions end SESSION_HOURS after they started (session_start); elsewhere only when asked."""
     if hours is None:
         hours = env_number("SWEEPER_DEADLINE_HOURS", SESSION_HOURS.get(name))
     if hours is None:
@@ -109,6 +111,18 @@ def session_start(proc: Path = Path("/proc")) -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("sweeper-qlora", "torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "optuna"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def detect(account: str | None = None, checkpoint_root: str | Path | None = None,

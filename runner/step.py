@@ -1,23 +1,33 @@
-"""One training step: batches to tensors, the loss, the micro-batch choice, accumulation over micro-batches, eval."""
+"""One training step: batches to tensors, the loss, the micro-batch choice, accumulation over micro-batches, the
+optimizer step (a NaN/inf loss stops it: NonFiniteLoss), eval."""
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 from runner import data as D
-from runner.peers import ALONE, Peers
+from runner.peers import ALONE, Peers, sum_gradients
 from sweeper.errors import SweeperError
 
 CPU_MAX_MICRO_BATCH = 8  # on the CPU memory is no limit; this keeps a step's latency modest
 # Architectures whose logits are exactly lm_head(last hidden state): no soft-capping or scaling.
 CHUNKED_LOSS_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 LOSS_CHUNK_TOKENS = 2048
+# An exhausted GPU, as cuBLAS, cuDNN and the CUDA runtime report it: a RuntimeError, not torch's OutOfMemoryError.
+OUT_OF_MEMORY_MESSAGES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory",
+                          "CUDA out of memory")
 FUSED_LOSS = "sweeper_fused_loss"
 """Attribute of the causal LM holding a fused linear cross-entropy (runner/model.py sets it where Liger runs)."""
+
+
+class NonFiniteLoss(SweeperError):
+    """The training loss became NaN or inf (fp16 overflow, too high a learning rate): run_trial ends the trial there
+    and returns it as diverged."""
 
 
 def to_tensors(rows: D.Batchable) -> dict[str, torch.Tensor]:
@@ -43,7 +53,7 @@ def forward_loss(model, batch: dict[str, torch.Tensor], device, dtype, n_items: 
             return model(**batch, num_items_in_batch=n_items).loss
         hidden = causal_lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
         if (fused := getattr(causal_lm, FUSED_LOSS, None)) is not None:
-            return fused_cross_entropy(fused, hidden, batch["labels"], causal_lm.lm_head, n_items)
+            return fused_cross_entropy(fused, hidden, batch["labels"], causal_lm.lm_head, n_items, dtype)
         return chunked_cross_entropy(hidden, batch["labels"], causal_lm.lm_head, n_items)
 
 
@@ -70,16 +80,29 @@ def _summed_cross_entropy(head, states: torch.Tensor, targets: torch.Tensor) -> 
     return torch.nn.functional.cross_entropy(head(states).float(), targets, reduction="sum")
 
 
-def fused_cross_entropy(loss_fn, hidden: torch.Tensor, labels: torch.Tensor, head, n_items: int) -> torch.Tensor:
+def fused_cross_entropy(loss_fn, hidden: torch.Tensor, labels: torch.Tensor, head, n_items: int,
+                        dtype: torch.dtype) -> torch.Tensor:
     """The same loss through Liger's fused linear cross-entropy (CUDA): the logits are never materialised, and
-    ignored labels are skipped in the kernel, so no boolean-mask gather (a host sync) is needed. The frozen head
-    goes in the hidden states' dtype: the kernel multiplies without autocast."""
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return loss_fn(head.weight.to(states.dtype), states, labels[:, 1:].reshape(-1)) / n_items
+    ignored labels are skipped in the kernel, so no boolean-mask gather (a host sync) is needed. The kernel
+    multiplies without autocast, and prepare_model_for_kbit_training left the final norm and the head in fp32: both
+    go in the compute dtype, as the chunked path's head runs under autocast (tensor cores on a T4; the softmax is
+    fp32 inside the kernel). The preflight keeps it only where its loss and gradients equal the unfused path's."""
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(dtype)
+    return loss_fn(head.weight.to(dtype), states, labels[:, 1:].reshape(-1)).float() / n_items
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 # ---------------------------------------------------------------------------------------------
 # Gradient checkpointing and the micro-batch
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an error says the GPU ran out of memory, under whichever name the library that hit it uses."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in OUT_OF_MEMORY_MESSAGES))
 
 
 def is_checkpointing(model) -> bool:
@@ -150,8 +173,10 @@ def _step_seconds(model, tensors, m: int, device, dtype, repeats: int = 0) -> fl
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
-        return sorted(times[1:])[len(times[1:]) // 2] if repeats else times[0]
-    except torch.cuda.OutOfMemoryError:
+        return statistics.median(times[1:]) if repeats else times[0]
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
         return None  # returning drops the traceback and with it the failed attempt's tensors
     finally:
         model.zero_grad(set_to_none=True)
@@ -163,14 +188,16 @@ def _step_seconds(model, tensors, m: int, device, dtype, repeats: int = 0) -> fl
 
 
 def accumulate(model, batch, micro: int, scaler, device, dtype, n_items: int) -> torch.Tensor | None:
-    """Forward and backward over a step's micro-batches; the summed loss, or None on CUDA OOM."""
+    """Forward and backward over a step's micro-batches; the summed loss, or None when the GPU ran out of memory."""
     step_loss = torch.zeros((), device=device)
     try:
         for i in range(0, len(batch["input_ids"]), micro):
             loss = forward_loss(model, {k: v[i:i + micro] for k, v in batch.items()}, device, dtype, n_items)
             scaler.scale(loss).backward()
             step_loss += loss.detach().float()
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
         return None  # returning drops the traceback, so the caller can free the memory
     return step_loss
 
@@ -192,6 +219,25 @@ def accumulate_fitting(model, batch, micro: int, optimizer, scaler, device, dtyp
         log(f"  out of GPU memory: micro-batch {micro} x {math.ceil(len(batch['input_ids']) / micro)}, "
             f"gradient checkpointing {'on' if is_checkpointing(model) else 'off'}")
     return step_loss, micro
+
+
+def take_step(model, batch, micro: int, optimizer, scheduler, scaler, max_grad_norm: float, dev, dtype,
+              peers: Peers, what: str, log: Callable[[str], None]) -> tuple[float, int]:
+    """One optimizer step over the batch (this peer's share of it): the step's loss and the micro-batch it took."""
+    n_items = max(1, label_count(batch["labels"]))  # the whole step's, on every peer
+    step_loss, micro = accumulate_fitting(model, peers.share(batch), micro, optimizer, scaler, dev, dtype, n_items,
+                                          what, log)
+    loss_value = float(sum_gradients(model, step_loss, peers))  # one device sync per step
+    if not math.isfinite(loss_value):
+        raise NonFiniteLoss(f"training loss became {loss_value} at {what} ({precision_name(dtype)})")
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return loss_value, micro
 
 
 @torch.no_grad()

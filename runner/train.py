@@ -20,20 +20,17 @@ import torch
 
 from runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from runner.data import SweepData, prepare_data
-from runner.model import BaseModel, make_optimizer, pick_precision
-from runner.peers import ALONE, Peers, sum_gradients
-from runner.step import (accumulate_fitting, choose_micro_batch, evaluate, is_checkpointing, label_count,
-                         set_checkpointing, to_tensors)
-from sweeper.errors import SweeperError
+from runner.doctor import preflight
+from runner.model import BaseModel, make_optimizer, pick_precision, resolve_device
+from runner.peers import ALONE, Peers
+from runner.platform import library_versions
+from runner.step import (NonFiniteLoss, choose_micro_batch, evaluate, is_checkpointing, precision_name,
+                         set_checkpointing, take_step, to_tensors)
 from sweeper.spec import SweepSpec
 
 __all__ = ["run_trial", "prepare_data", "pick_precision", "quiet_libraries", "library_versions",
            "result_attrs", "TrialResult", "Preempted", "NonFiniteLoss", "SweepData", "latest_checkpoint", "BaseModel",
-           "Peers", "ALONE"]
-
-
-class NonFiniteLoss(SweeperError):
-    """The training loss became NaN or inf (fp16 overflow, too high a learning rate)."""
+           "Peers", "ALONE", "preflight"]
 
 
 class Preempted(Exception):
@@ -47,7 +44,7 @@ class Preempted(Exception):
 @dataclass
 class TrialResult:
     eval_loss: float | None
-    """Final eval loss (the objective); for a pruned trial, the last eval loss."""
+    """Final eval loss (the objective); for a pruned or diverged trial, the last (finite) eval loss."""
     pruned_at: int | None
     """Eval index at which the trial was pruned, or None."""
     eval_losses: list[float]
@@ -69,6 +66,8 @@ class TrialResult:
     """Processes (GPUs) the trial trained on at once; micro_batch and grad_accum are each one's."""
     fused_kernels: bool = False
     """Whether Liger Kernel's fused kernels and loss ran (CUDA, the `liger` extra installed, a supported model)."""
+    diverged: str = ""
+    """Why the loss became NaN or inf (the trial ended there: a result, told PRUNED); "" for a trial that did not."""
     versions: dict[str, str] = field(default_factory=dict)
 
 
@@ -86,12 +85,10 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
     what is their own (their micro-batch probe, running out of memory)."""
     started = time.perf_counter()
     cfg = spec.trial_config(params)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dtype = pick_precision(dev, precision)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     base = base or BaseModel()
     with base.lora(spec, cfg, dev, dtype) as model:
         model.train()
@@ -109,12 +106,19 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
             set_checkpointing(model, True)  # the interrupted run needed it to fit
         my_rows = max(1, len(range(peers.rank, cfg.batch_size, peers.size)))
         micro = state["micro_batch"] or choose_micro_batch(model, train, my_rows, dev, dtype, log)
+        reset_peak_memory(dev)  # the trial's peak, not the probe's near-OOM attempts
 
+        diverged = ""  # a NaN/inf loss ends the trial as a result (every peer sees the same summed loss)
         for step in range(state["step"], total_steps):
             t0 = time.perf_counter()
             rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            loss_value, micro = take_step(model, {k: v[rows] for k, v in train.items()}, micro, optimizer, scheduler,
-                                          scaler, cfg.max_grad_norm, dev, dtype, peers, f"step {step + 1}", log)
+            try:
+                loss_value, micro = take_step(model, {k: v[rows] for k, v in train.items()}, micro, optimizer,
+                                              scheduler, scaler, cfg.max_grad_norm, dev, dtype, peers,
+                                              f"step {step + 1}", log)
+            except NonFiniteLoss as e:
+                diverged = str(e)
+                break
             state.update(step=step + 1, micro_batch=micro, gradient_checkpointing=is_checkpointing(model))
             state["tokens"] += sum(sweep_data.train.real[rows])
             state["train_seconds"] += time.perf_counter() - t0
@@ -122,12 +126,13 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
 
             if state["step"] in eval_at:
                 eval_loss = evaluate(model, evalset, micro, dev, dtype, peers)
+                if not math.isfinite(eval_loss):
+                    diverged = f"eval loss became {eval_loss} at step {state['step']} ({precision_name(dtype)})"
+                    break
                 state["eval_losses"].append(eval_loss)
                 if peers.rank == 0:
                     log(f"  eval {eval_at[state['step']]}/{spec.budget.evals} step {state['step']}/{total_steps}: "
                         f"train {loss_value:.4f} eval {eval_loss:.4f}")
-                if not math.isfinite(eval_loss):
-                    raise NonFiniteLoss(f"eval loss became {eval_loss} at step {state['step']} ({precision_name(dtype)})")
                 if peers.first_says(report is not None and report(eval_at[state["step"]], eval_loss), dev):
                     pruned_at = eval_at[state["step"]]
                     break
@@ -141,26 +146,7 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, sweep_da
                     raise Preempted(why or "rank 0 stopped", saved or saver.save(state))
 
         return trial_result(state, total_steps, pruned_at, resumed_from, micro, my_rows, model, dev, dtype, peers,
-                            saver.last, base.fused, time.perf_counter() - started)
-
-
-def take_step(model, batch, micro: int, optimizer, scheduler, scaler, max_grad_norm: float, dev, dtype,
-              peers: Peers, what: str, log: Callable[[str], None]) -> tuple[float, int]:
-    """One optimizer step over the batch (this peer's share of it): the step's loss and the micro-batch it took."""
-    n_items = max(1, label_count(batch["labels"]))  # the whole step's, on every peer
-    step_loss, micro = accumulate_fitting(model, peers.share(batch), micro, optimizer, scaler, dev, dtype, n_items,
-                                          what, log)
-    loss_value = float(sum_gradients(model, step_loss, peers))  # one device sync per step
-    if not math.isfinite(loss_value):
-        raise NonFiniteLoss(f"training loss became {loss_value} at {what} ({precision_name(dtype)})")
-    if max_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return loss_value, micro
+                            saver.last, base.fused, time.perf_counter() - started, diverged)
 
 
 @dataclass
@@ -200,7 +186,7 @@ class Saver:
 
 def trial_result(state, total_steps: int, pruned_at: int | None, resumed_from: int, micro: int, my_rows: int,
                  model, dev: torch.device, dtype: torch.dtype, peers: Peers, checkpoint: Path | None, fused: bool,
-                 wall_s: float) -> TrialResult:
+                 wall_s: float, diverged: str = "") -> TrialResult:
     tokens_per_s = state["tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0
     return TrialResult(
         eval_loss=state["eval_losses"][-1] if state["eval_losses"] else None,
@@ -221,36 +207,37 @@ def trial_result(state, total_steps: int, pruned_at: int | None, resumed_from: i
         resumed_from_step=resumed_from,
         gpus=peers.size,
         fused_kernels=fused,
+        diverged=diverged,
         versions=library_versions(),
     )
 
 
-def precision_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+def reset_peak_memory(device: torch.device) -> None:
+    """Count the peak from now: the GPU allocator's, or on the CPU the process's resident set (Linux resets its high
+    water mark on writing 5 to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the process's whole-life peak it is
 
 
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource  # the process's peak RSS: on the CPU there is no per-trial counter
+    try:  # the resident set's high water mark since reset_peak_memory
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
 # What the worker writes next to a result
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("sweeper-qlora", "torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "optuna"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def result_attrs(result: TrialResult) -> dict[str, Any]:
@@ -276,3 +263,4 @@ def _not_the_cpu_inference_kernel_line(record) -> bool:
     """bitsandbytes on an AVX512-BF16 CPU asks for `pip install kernels`: that kernel serves only the inference-only
     weight format the runner keeps its weights out of (keep_4bit_weights_trainable), so the line asks for nothing."""
     return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+

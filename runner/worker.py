@@ -26,16 +26,36 @@ from optuna.trial import TrialState
 
 from runner.platform import Platform, detect, require_gpu, shared_checkpoints
 from runner.progress import TrialBar, watched
+from sweeper.configs import params_text
 from sweeper.errors import StoreChanged, SweeperError, first_line
 from sweeper.leases import (Heartbeat, Watcher, grace_s, hand_over, record_worker_stop, superseded,
                             take_over_stale)
-from sweeper.record import FINISHED, RESULT, RESUME_FROM, RESUMES, SEED, WORKER, result_of, trial_key, worker_of
-from sweeper.spec import SweepSpec
+from sweeper.record import (CARD, FINISHED, RESULT, RESUME_FROM, RESUMES, SEED, WORKER, result_of, trial_key,
+                            worker_of)
+from sweeper.spec import SweepSpec, spec_from_dict
 from sweeper.storage import open_store
-from sweeper.study import load_study, suggest
+from sweeper.study import (changed_fields, checkpoint_folder, load_study, make_pruner, make_sampler, stored_spec,
+                           suggest)
 
 MAX_FAILURES_IN_A_ROW = 3
 DEADLINE_MARGIN_S = 300  # leave this much of the session for checkpointing and telling
+
+
+class PreflightFailed(SweeperError):
+    """A preflight check failed: the worker stops before any claim. Exit 2 where what was asked for is what fails (a
+    precision the GPU lacks), else 1."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def preflight_failure(card: dict[str, Any]) -> PreflightFailed | None:
+    """The error a failed machine card stops a worker with, naming the check; None for a card that passed."""
+    failed = next((c for c in card["checks"] if c["status"] == "fail"), None)
+    if failed is None:
+        return None
+    return PreflightFailed(f"preflight failed: {failed['name']}: {failed['detail']}", card.get("exit_code", 1))
 
 
 class Superseded(Exception):
@@ -137,9 +157,43 @@ def _trial_folder(study: optuna.Study, trial: optuna.Trial) -> str:
     return f"trial-{key:04d}" if isinstance(key, int) else "trial-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", key)
 
 
-def _resume_into(trial_dir: Path, resume_from: str, log: Callable[[str], None]) -> None:
-    """Copy the checkpoints of the trial this one continues into its folder, for the trainer to resume from."""
+def prefer_resumes(study: optuna.Study, root: Path) -> None:
+    """Make this study's ask take resumes before fresh points, and first the resumes whose checkpoints are on this
+    worker's disk (its own handed-over trials: a restarted worker continues where it stopped). Optuna's ask pops the
+    oldest waiting trial (Study._pop_waiting_trial_id, optuna 5.1): this is that loop over the waiting trials in our
+    order, each claimed by the same atomic RUNNING write."""
+    def pop_waiting_trial_id() -> int | None:
+        waiting = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        for trial in sorted(waiting, key=lambda t: (claim_rank(t, root), t.number)):
+            try:
+                if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    return trial._trial_id
+            except UpdateFinishedTrialError:
+                continue  # another worker took it and finished it meanwhile
+        return None
+
+    study._pop_waiting_trial_id = pop_waiting_trial_id
+
+
+def claim_rank(trial: optuna.trial.FrozenTrial, root: Path) -> int:
+    """0: a resume whose checkpoint folder is on this worker's disk, under its checkpoint root; 1: another resume;
+    2: a fresh point."""
+    if RESUMES not in trial.user_attrs:
+        return 2
+    source = trial.user_attrs.get(RESUME_FROM)
+    here = isinstance(source, str) and Path(source).is_dir() and Path(source).resolve().is_relative_to(root.resolve())
+    return 0 if here else 1
+
+
+def _resume_into(trial_dir: Path, resume_from: str, root: Path, log: Callable[[str], None]) -> None:
+    """Copy the checkpoints of the trial this one continues into its folder, for the trainer to resume from. The path
+    comes from the shared store, which any of its editors can write: only a folder under this worker's checkpoint
+    root is read."""
     source = Path(resume_from)
+    if not source.resolve().is_relative_to(root.resolve()):
+        log(f"checkpoint folder {resume_from} is outside this worker's checkpoint root {root}: not read; starting "
+            "from step 0")
+        return
     if not source.is_dir():
         log(f"checkpoint folder {resume_from} is not reachable from this worker (is the checkpoint root shared?); "
             "starting from step 0")
@@ -171,6 +225,11 @@ class Session:
     show_bars: bool
     precision: str | None
     log: Callable[[str], None]
+    worker_seed: int
+    check: Callable[..., dict[str, Any]]
+    """The preflight, bound to what this worker trains with (runner/doctor.py)."""
+    followed: dict[str, Any] | None = None
+    """The spec as the study held it when this worker last read it."""
     gpu_seconds: float = 0.0
     failures_in_a_row: int = 0
 
@@ -195,13 +254,35 @@ class Session:
         if (why := superseded(self.study, trial._trial_id)) is not None:
             raise Superseded(why)
 
-    def reload(self, study_name: str, worker_seed: int) -> None:
+    def reload(self, study_name: str) -> None:
         """The study as the store says now (after it changed under us); the spec may have changed too."""
         self.store = open_store(self.url)
         self.store.join(self.summary.worker_id)
-        self.study, self.spec = load_study(self.store, study_name, worker_seed=worker_seed)
+        self.study, self.spec = load_study(self.store, study_name, worker_seed=self.worker_seed)
+        self.followed = stored_spec(self.study)
+        prefer_resumes(self.study, self.platform.checkpoint_root)
         self.heartbeat_s, lag_s = self.store.lease_timing(self.spec.heartbeat_s)
         self.watcher.grace_s = grace_s(self.heartbeat_s, lag_s)
+
+    def follow_spec(self) -> None:
+        """Take up the spec the study holds now, if `sweeper init --overwrite` replaced it since: a raised budget,
+        another pruner or sampler, new timings count from this worker's next ask. A trial already running keeps the
+        spec it started with. Another model or data means new sequences, and the preflight again."""
+        stored = stored_spec(self.study)
+        if stored is None or stored == self.followed:
+            return
+        old, self.spec = self.spec, spec_from_dict(stored, source=f"spec stored in study {self.study.study_name!r}")
+        self.followed = stored
+        self.log(f"the study's spec changed ({', '.join(changed_fields(old.to_dict(), self.spec.to_dict()))}): "
+                 "following it from this worker's next trial")
+        self.study.sampler, self.study.pruner = make_sampler(self.spec, self.worker_seed), make_pruner(self.spec)
+        self.heartbeat_s, lag_s = self.store.lease_timing(self.spec.heartbeat_s)
+        self.watcher.grace_s = grace_s(self.heartbeat_s, lag_s)
+        if (old.model, old.data, old.budget, old.train.seed) != (self.spec.model, self.spec.data, self.spec.budget,
+                                                                 self.spec.train.seed):
+            self.sweep_data = self.trainer.prepare_data(self.spec)
+        if old.model != self.spec.model:
+            preflight(self)
 
 
 def run_one_trial(session: Session, trial: optuna.Trial, params: dict[str, Any]) -> None:
@@ -219,7 +300,7 @@ def run_one_trial(session: Session, trial: optuna.Trial, params: dict[str, Any])
         s.views(trial.number)
         return not repeat and trial.should_prune()
 
-    trial_dir = s.platform.checkpoint_root / study.study_name / _trial_folder(study, trial)
+    trial_dir = s.platform.checkpoint_root / checkpoint_folder(study) / _trial_folder(study, trial)
     lease = {"worker": s.summary.worker_id, "account": s.platform.account, "platform": s.platform.name,
              "checkpoint": str(trial_dir)}
     heartbeat = Heartbeat(study._storage, trial._trial_id, lease, s.heartbeat_s, log,
@@ -234,7 +315,7 @@ def run_one_trial(session: Session, trial: optuna.Trial, params: dict[str, Any])
     try:
         s.check_place(trial)  # a resume whose place another holds stops before it starts
         if (resume_from := trial.user_attrs.get(RESUME_FROM)) is not None:
-            _resume_into(trial_dir, resume_from, log)
+            _resume_into(trial_dir, resume_from, s.platform.checkpoint_root, log)
         result = s.train(s.spec, params, trial_dir, s.sweep_data, report, precision=s.precision, stop=s.stop,
                          progress=progress, log=bar.above(log) if bar is not None else log)
         s.check_place(trial)  # once more before the result goes in
@@ -266,17 +347,48 @@ def run_one_trial(session: Session, trial: optuna.Trial, params: dict[str, Any])
         heartbeat.stop()
         if bar is not None:
             bar.close()
-    s.failures_in_a_row = 0
+    s.failures_in_a_row = 0  # a diverged trial too: a result, not a failure
     s.gpu_seconds += result.wall_time_s * result.gpus
-    trial.set_user_attr(RESULT, s.trainer.result_attrs(result))
+    log(tell_result(study, trial, result, s.trainer.result_attrs(result)))
+    s.views(None)
+
+
+def tell_result(study: optuna.Study, trial: optuna.Trial, result: Any, attrs: dict[str, Any]) -> str:
+    """Write a trained trial's result and tell the study how it ended: complete, pruned, or diverged; the log line.
+
+    A diverged trial (its loss became NaN or inf: fp16 at the top of a learning-rate range) is told PRUNED, the
+    state the samplers learn from: TPE ranks pruned trials below every complete one (by the eval they reached), and
+    leaves FAIL out. Optuna gives it its last reported (finite) eval loss as value."""
+    trial.set_user_attr(RESULT, attrs)
+    if result.diverged:
+        study.tell(trial, state=TrialState.PRUNED)
+        last = f"; last eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        return f"trial {trial.number} diverged: {result.diverged}{last}"
     if result.pruned_at is not None:
         study.tell(trial, state=TrialState.PRUNED)
-        log(f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})")
-    else:
-        study.tell(trial, result.eval_loss)
-        log(f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, "
-            f"{result.tokens_per_s:.0f} tok/s, {result.wall_time_s:.1f} s")
-    s.views(None)
+        return f"trial {trial.number} pruned at eval {result.pruned_at} (eval loss {result.eval_loss:.4f})"
+    study.tell(trial, result.eval_loss)
+    return (f"trial {trial.number} complete: eval loss {result.eval_loss:.4f}, {result.tokens_per_s:.0f} tok/s, "
+            f"{result.wall_time_s:.1f} s")
+
+
+def preflight(session: Session) -> None:
+    """Check the device before any claim (runner/doctor.py) and write the result as this worker's machine card; a
+    failed check stops the worker in one line, recorded in the store, with no trial touched."""
+    s = session
+    s.log(f"preflight on {s.platform.gpu_name}: checking the device with the study's model")
+    try:
+        card = s.check(s.spec, s.sweep_data, precision=s.precision, log=s.log)
+    except SweeperError as e:  # its process died (a trial on several GPUs checks in a process of its own)
+        record_worker_stop(s.study, s.identity, str(e))
+        raise
+    card["worker"] = s.identity
+    s.study.set_user_attr(CARD + s.summary.worker_id, card)
+    if (error := preflight_failure(card)) is not None:
+        record_worker_stop(s.study, s.identity, str(error))
+        raise error
+    s.log(f"preflight passed in {card['seconds']:.0f} s: {card['precision']}, micro-batch {card['micro_batch']}, "
+          + ("fused kernels on" if card["fused"] else f"fused kernels off ({card['fused_note']})"))
 
 
 def run_worker(url: str, study: str | None = None, *, max_trials: int | None = None, account: str | None = None,
@@ -286,8 +398,9 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
     """Join a study (None: the store's only one) and run trials until its budget is met, max_trials ran,
     or the session ends (deadline, SIGTERM, Ctrl-C: the running trial is checkpointed and handed over).
     On Colab and Kaggle it refuses to start without a GPU unless allow_cpu. `trainer`: what trains a trial
-    (None: runner.train; tests pass a fast one): its quiet_libraries, prepare_data, BaseModel, run_trial,
-    result_attrs and Preempted."""
+    (None: runner.train; tests pass a fast one): its quiet_libraries, prepare_data, BaseModel, preflight, run_trial,
+    result_attrs and Preempted. Before its first claim the worker checks its device (the preflight) and writes its
+    machine card; a failed check stops it there."""
     if trainer is None:
         from runner import train as trainer
 
@@ -299,13 +412,16 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
     store = open_store(url)
     optuna_study, spec = load_study(store, study, worker_seed=worker_seed)
     study = optuna_study.study_name
-    # The base model is loaded at the first trial and kept for the others (fresh adapters each time).
-    train, show_bars = functools.partial(trainer.run_trial, base=trainer.BaseModel()), watched()
+    # The base model is loaded by the preflight (or the first trial) and kept for the others (fresh adapters each time).
+    base = trainer.BaseModel()
+    train, show_bars = functools.partial(trainer.run_trial, base=base), watched()
+    check = functools.partial(trainer.preflight, base=base)
     if spec.gpus_per_trial > 1:
         from runner import parallel
 
         if len(devices := parallel.trial_devices(spec.gpus_per_trial)) > 1:
             train, show_bars = functools.partial(parallel.run_trial_parallel, devices=devices), False
+            check = functools.partial(parallel.preflight_apart, device=devices[0])
             platform = dataclasses.replace(platform, gpu_name=f"{len(devices)} x {platform.gpu_name}")  # own timings
     store.join(summary.worker_id)
     log(f"worker {summary.worker_id} on {platform.name} ({platform.gpu_name}) joins study {study!r}")
@@ -314,8 +430,10 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
             "restarts from step 0 elsewhere" + (" (a checkpoint_root under /content/drive shares them)"
                                                  if platform.name == "colab" else ""))
     heartbeat_s, lag_s = store.lease_timing(spec.heartbeat_s)
+    prefer_resumes(optuna_study, platform.checkpoint_root)
     session = Session(url, store, optuna_study, spec, platform, summary, trainer, train, None,
-                      Watcher(heartbeat_s, lag_s=lag_s), StopRequest(platform), heartbeat_s, show_bars, precision, log)
+                      Watcher(heartbeat_s, lag_s=lag_s), StopRequest(platform), heartbeat_s, show_bars, precision, log,
+                      worker_seed, check, stored_spec(optuna_study))
     try:
         session.sweep_data = trainer.prepare_data(spec)
     except SweeperError as e:  # the model or the data is not there: say so in the store, not only here
@@ -323,12 +441,14 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
         raise
     log(f"data: {len(session.sweep_data.train)} train and {len(session.sweep_data.eval)} eval sequences of "
         f"{spec.model.max_seq_len} tokens")
+    preflight(session)
 
     waiting_logged = False
     trial, s = None, session
     with s.stop.signals():
         while True:
             try:
+                s.follow_spec()
                 summary.took_over += take_over_stale(s.study, s.watcher, log, by=summary.worker_id)
                 finished, running, resumes = _budget(s.study)
                 if (reason := _stop_reason(s.study, s.spec, platform, finished, len(summary.trials), max_trials,
@@ -352,7 +472,7 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
                     continue
                 trial.set_user_attr(WORKER, s.identity)
                 summary.trials.append(trial.number)
-                log(f"trial {trial.number}: {params}")
+                log(f"trial {trial.number}: {params_text(params)}")
                 s.views(trial.number)
                 run_one_trial(s, trial, params)
                 trial = None
@@ -364,7 +484,7 @@ def run_worker(url: str, study: str | None = None, *, max_trials: int | None = N
                 # The shared sheet changed under us (a hand edit, a lost race): start again from what it says now,
                 # and fail the trial we held, so it does not sit RUNNING against the budget.
                 log(f"{e}; reloading the study")
-                s.reload(study, worker_seed)
+                s.reload(study)
                 if trial is not None:
                     held = optuna.trial.Trial(s.study, trial._trial_id)  # the same trial, on the reloaded store
                     if s.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:

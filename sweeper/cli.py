@@ -17,7 +17,7 @@ from sweeper import __version__, configs, report
 from sweeper.cost import expected_cost
 from sweeper.errors import SweeperError, UserError
 from sweeper.leases import grace_s, stopped_workers
-from sweeper.spec import data_problem, load_spec
+from sweeper.spec import load_spec, local_problems
 from sweeper.storage import BACKENDS, FILE_STORES, open_store
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # never break a path or URL across lines
@@ -48,6 +48,21 @@ def _folder_must_exist(path: Path) -> None:
         raise UserError(f"folder {path.parent} does not exist (for {path})")
 
 
+RUNNER_MODULES = ("torch", "transformers", "peft", "bitsandbytes")  # the runner extra's, that training imports
+
+
+def _needs_runner(command: str) -> None:
+    """A command that trains, where only the control plane is installed: one line saying what to install, not the
+    traceback of an import deep in the runner."""
+    import importlib.util
+
+    missing = [m for m in RUNNER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"sweeper {command} trains, and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                        "not installed: pip install 'sweeper-qlora[runner]' (on Colab and Kaggle, which ship their "
+                        "own torch, the runner notebook installs it)")
+
+
 def _open(url: str, study: str | None):
     """(the store, its study, the study's spec); study None: the store's only one, read once."""
     from sweeper.study import load_study
@@ -72,14 +87,16 @@ def init(sweep_file: Path, store: str, overwrite: bool) -> None:
 
     spec = load_spec(sweep_file)
     local = store.startswith(FILE_STORES)
-    if (problem := data_problem(spec)) is not None:
+    if problems := local_problems(spec):
         if local:  # its workers run on this machine, from here: they would all stop at it
-            raise UserError(f"{sweep_file}: {problem}")
-        err.print(f"warning: {sweep_file}: {problem} on this machine; every worker of this store needs it",
-                  style="yellow", markup=False, highlight=False)
+            raise UserError(f"{sweep_file}: {'; '.join(problems)}")
+        for problem in problems:
+            err.print(f"warning: {sweep_file}: {problem} on this machine; every worker of this store needs it",
+                      style="yellow", markup=False, highlight=False)
     study, what = create_study(spec, open_store(store, create=True), overwrite=overwrite)
     err.print(f"study {spec.study!r}: {what}")
-    err.print(expected_cost(spec, study), markup=False, highlight=False)
+    for line in expected_cost(spec, study):
+        err.print(line, markup=False, highlight=False)
     click.echo(spec.study)
 
 
@@ -244,7 +261,7 @@ def _full_run_notebook(platform: str | None, store: str, study: str | None, outp
 @store_option
 @study_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for checkpoints, adapter and merged model (default: the platform's checkpoint root/STUDY/"
+              help="Folder for checkpoints, adapter and merged model (default: the platform's checkpoint root/STUDY-KEY/"
                    "full-run). Run again with the same folder to continue from its last checkpoint.")
 @click.option("--train-tokens", type=click.IntRange(min=1), metavar="N", help="Train on N tokens of the full data.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), metavar="E",
@@ -260,6 +277,7 @@ def full_run_command(store: str, study: str | None, out: Path | None, train_toke
                      precision: str | None) -> None:
     """Train the best config on the full data, merge the adapter into the 16-bit base, sample before and after,
     push to the Hub: the full run, through the same code a trial runs. A stopped run continues when run again."""
+    _needs_runner("full-run")
     from runner.full_run import full_run, read_prompts
 
     done = full_run(store, study, out=out, train_tokens=train_tokens, epochs=epochs, checkpoint_every=checkpoint_every,
@@ -304,6 +322,7 @@ def show(number: int, store: str, study: str | None, as_json: bool) -> None:
 def worker(store: str, study: str | None, max_trials: int | None, account: str | None, checkpoint_root: str | None,
            deadline_hours: float | None, precision: str | None, allow_cpu: bool) -> None:
     """Join a study: claim trials (enqueued first), fine-tune, write results back."""
+    _needs_runner("worker")
     from runner import run_worker
 
     summary = run_worker(store, study, max_trials=max_trials, account=account,
@@ -313,11 +332,50 @@ def worker(store: str, study: str | None, max_trials: int | None, account: str |
 
 
 @cli.command()
+@click.option("--store", envvar="SWEEPER_STORE", metavar="URL",
+              help="Check with this store's study's model and data (env SWEEPER_STORE); without it, a tiny model.")
+@study_option
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), help="Check this precision, not the automatic one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine card as JSON.")
+def doctor(store: str | None, study: str | None, precision: str | None, as_json: bool) -> None:
+    """Check this machine before it joins a sweep: the GPU and its kernels, the precision, bitsandbytes' 4-bit
+    matmul against the dequantized weight, one real training step at the micro-batch the probe picks, memory back to
+    its level after it, and fused kernels equal to unfused ones. Prints the machine card; exit 1 when a check fails,
+    2 when it is a precision the GPU lacks. Every worker runs these checks before its first claim."""
+    _needs_runner("doctor")
+    import shutil
+    import tempfile
+
+    from runner.train import BaseModel, prepare_data, preflight, quiet_libraries
+    from runner.worker import preflight_failure
+    from sweeper import show as shown
+
+    quiet_libraries()
+    log = lambda line: err.print(line, markup=False, highlight=False)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="sweeper-doctor-") as folder:
+        if store:
+            spec = _open(store, study)[2]
+        else:
+            from runner.demo import prepare_demo
+
+            log("no --store: checking with a tiny model built here (--store and --study check the study's own)")
+            spec = load_spec(prepare_demo(Path(folder), n_trials=2))
+        card = preflight(spec, prepare_data(spec), BaseModel(), precision=precision, log=log)
+    if as_json:
+        click.echo(json.dumps(card, indent=2))
+    else:
+        click.echo("\n".join(shown.card_lines(card, shutil.get_terminal_size().columns, details=True)))
+    if (failed := preflight_failure(card)) is not None:
+        raise failed
+
+
+@cli.command()
 @click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=Path("sweeper-demo"),
               show_default=True, help="Folder for the model, data, store and checkpoints.")
 @click.option("--trials", type=click.IntRange(min=2), default=12, show_default=True)
 def demo(folder: Path, trials: int) -> None:
     """A real QLoRA sweep of a tiny model on the CPU, with a local store: report and best config at the end."""
+    _needs_runner("demo")
     from runner import run_worker
     from runner.demo import FIRST_POINTS, prepare_demo
     from runner.train import quiet_libraries
@@ -384,7 +442,7 @@ def launch() -> None:
 @click.option("--study", envvar="SWEEPER_STUDY", required=True, metavar="NAME", help="Study name (env SWEEPER_STUDY).")
 @click.option("--gpu", type=click.Choice(["t4x2", "p100"]), default="t4x2", show_default=True,
               help="Kaggle's GPU machine (the API offers no single T4).")
-@click.option("--timeout", "timeout_hours", type=float, metavar="HOURS", help="Session time limit (at most 12).")
+@click.option("--timeout", "timeout_hours", type=float, metavar="HOURS", help="Session time limit (at most 9, Kaggle's GPU session limit).")
 @click.option("--account", help="Label for the workers in the report (default: kaggle:USERNAME).")
 @install_option
 @click.option("--public", is_flag=True, help="Make the kernel public (default: private).")
@@ -480,15 +538,21 @@ def accounts(store: str, study: str | None, weekly: tuple[str, ...], as_json: bo
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on (0: any free one).")
-def dashboard(store: str, host: str, port: int) -> None:
-    """Serve optuna-dashboard over the store, of any kind.
+@click.option("--allow-delete", is_flag=True,
+              help="Let the dashboard delete (or rename) a study; off by default, the store being the team's.")
+def dashboard(store: str, host: str, port: int, allow_delete: bool) -> None:
+    """Serve optuna-dashboard over the store, of any kind, and the sweeper view beside it.
 
-    A Google Sheet or a Drive folder too, read as the workers read it. Ctrl-C stops."""
+    A Google Sheet or a Drive folder too, read as the workers read it. The sweeper view (/sweeper/) shows the workers
+    running trials with their leases and machine cards, the workers that stopped, the best config by `sweeper best`'s
+    rule with the leaderboard, GPU-hours per account and the diverged trials. Deleting a study is off unless
+    --allow-delete. Ctrl-C stops."""
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+    from sweeper import dashboard as served
     from sweeper.plots import report_extra
 
-    optuna_dashboard = report_extra("optuna_dashboard")
+    report_extra("optuna_dashboard")
     opened = open_store(store)
 
     class Quiet(WSGIRequestHandler):
@@ -497,14 +561,17 @@ def dashboard(store: str, host: str, port: int) -> None:
 
     # optuna_dashboard.run_server, but bound before the address is printed: a port in use is one line, port 0 works
     try:
-        server = make_server(host, port, optuna_dashboard.wsgi(opened.storage), handler_class=Quiet)
+        server = make_server(host, port, served.app(opened, allow_delete), handler_class=Quiet)
     except OSError as e:
         raise SweeperError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
-    err.print(f"optuna-dashboard over the {opened.backend.scheme} store: http://{host}:{server.server_port}/dashboard/ "
-              "(Ctrl-C stops)")
+    base = f"http://{host}:{server.server_port}"
+    deleting = "deleting a study is on" if allow_delete else "deleting a study is off (--allow-delete)"
+    err.print(f"optuna-dashboard over the {opened.backend.scheme} store: {base}/dashboard/, the sweeper view: "
+              f"{base}/sweeper/; {deleting}; Ctrl-C stops", markup=False, highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: optuna-dashboard has no login: anyone who reaches {host}:{server.server_port} can change "
-                  "or delete the study's trials", style="yellow", markup=False, highlight=False)
+                  "the study's trials" + (" or delete the study" if allow_delete else ""),
+                  style="yellow", markup=False, highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -14,12 +14,14 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 from sweeper.errors import SweeperError
-from sweeper.record import SEED, resumed_from, row_info
+from sweeper.record import DIVERGED, RESULT, SEED, resumed_from, row_info
 from sweeper.spec import SweepSpec, drop_none
 
 RULE = ("the best config has the lowest mean eval loss + standard error over its complete runs, the standard error "
         "being the noise between repeats (pooled over every repeated config) / sqrt(runs): a config run once pays the "
-        "whole noise, one run 4 times half of it; with no repeat yet, the lowest eval loss wins")
+        "whole noise, one run 4 times half of it; with no repeat yet, the lowest eval loss wins; a config with a "
+        "diverged run is never picked")
+RULE_SHORT = "lowest mean eval loss + noise/sqrt(runs), the noise pooled over repeats; never one that diverged"  # as the exported config says it: a line a person reads
 
 
 @dataclass(slots=True)
@@ -35,6 +37,8 @@ class ConfigGroup:
     """Their eval losses, in the same order."""
     pending: int = 0
     """Trials of this config waiting or running."""
+    diverged: int = 0
+    """Trials of this config whose loss became NaN or inf (row_diverged)."""
     mean: float = math.nan
     std: float | None = None
     """Sample standard deviation of the losses; None for a config run once."""
@@ -65,8 +69,15 @@ def config_key(params: dict[str, Any]) -> frozenset[tuple[str, Any]]:
     return frozenset(params.items())
 
 
+def row_diverged(row: dict[str, Any]) -> str:
+    """Why a report row's trial diverged (record.DIVERGED in its RESULT); "" for any other trial."""
+    return str(row["user_attrs"].get(RESULT, {}).get(DIVERGED) or "")
+
+
 def group_configs(rows: Iterable[dict[str, Any]]) -> list[ConfigGroup]:
-    """The configs with at least one complete run, best first by RULE (ties: lower mean, then older)."""
+    """The configs with at least one complete run and none diverged, best first by RULE (ties: lower mean, then
+    older). A config whose loss became NaN or inf once may again in the full run, on another seed or GPU: it is never
+    ranked, however well its other runs did."""
     groups: dict[frozenset, ConfigGroup] = {}
     for r in rows:
         if not r["params"]:
@@ -81,7 +92,9 @@ def group_configs(rows: Iterable[dict[str, Any]]) -> list[ConfigGroup]:
             group.losses.append(r["eval_loss"])
         elif r["state"] in ("WAITING", "RUNNING"):
             group.pending += 1
-    done = [g for g in groups.values() if g.runs]
+        elif r["state"] == "PRUNED" and row_diverged(r):  # (a diverged trial is told PRUNED)
+            group.diverged += 1
+    done = [g for g in groups.values() if g.runs and not g.diverged]
     spread = noise(done)
     for g in done:
         n = len(g.losses)
@@ -111,10 +124,13 @@ def _squares(values: list[float]) -> float:
     return math.fsum((v - mean) ** 2 for v in values)
 
 
-def best_number(rows: list[dict[str, Any]]) -> int | None:
-    """The best config's complete run with the lowest eval loss (RULE), or None before any trial completes."""
-    groups = group_configs(rows)
-    return groups[0].best_trial if groups else None
+def best_text(groups: list[ConfigGroup]) -> str:
+    """The best config (RULE) as a person reads it wherever it is named: its mean, not its luckiest run.
+    groups: group_configs' list."""
+    if not groups:
+        return "no complete trial yet"
+    best = groups[0]
+    return f"best config #{best.best_trial}: {best.mean:.4f}, {'mean of ' * (best.n > 1)}{runs_text(best.n)}"
 
 
 def full_run_config(study_name: str, spec: SweepSpec, rows: list[dict[str, Any]],
@@ -127,7 +143,7 @@ def full_run_config(study_name: str, spec: SweepSpec, rows: list[dict[str, Any]]
     row = next(r for r in rows if r["number"] == best.best_trial)
     config = {
         "study": study_name,
-        "rule": RULE,
+        "rule": RULE_SHORT,
         "best_trial": best.best_trial,
         "eval_loss": best.mean,
         "eval_loss_std": best.std,
@@ -165,8 +181,20 @@ def best_notes(groups: list[ConfigGroup]) -> list[str]:
 
 
 def params_text(params: dict[str, Any]) -> str:
-    """learning_rate=0.0005, batch_size=16"""
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    """learning_rate=0.0005, batch_size=16: params as a person reads them (a log line, a note), never as exported."""
+    return ", ".join(f"{k}={value_text(v)}" for k, v in params.items())
+
+
+def value_text(value: Any) -> str:
+    """A param or attr value as every view shows it: a float to 3 significant digits (1.96e-05; 1,234 from a
+    thousand up, whole), None as nothing. --json, --csv and `best` keep full precision: they are read by programs."""
+    if type(value) is str:  # most cells: first, and fast
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 999.5 else f"{value:.3g}"
+    return str(value)
 
 
 def numbers_text(numbers: list[int]) -> str:

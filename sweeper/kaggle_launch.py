@@ -25,7 +25,7 @@ from sweeper.errors import SweeperError, UserError, env_number, first_line
 # NvidiaTeslaT4 is the editor's "GPU T4 x2" (there is no single-T4 shape). NvidiaTeslaP100 is retired (the client says so).
 MACHINE_SHAPES = {"t4x2": "NvidiaTeslaT4", "p100": "NvidiaTeslaP100"}
 NOTEBOOK_ACCELERATORS = {"t4x2": "nvidiaTeslaT4", "p100": "nvidiaTeslaP100"}
-MAX_SESSION_HOURS = 12.0
+MAX_SESSION_HOURS = 9.0  # a Kaggle GPU session's limit, as its 2026 quota message gives it
 CREDENTIALS_HELP = ("set KAGGLE_API_TOKEN to a token from https://www.kaggle.com/settings/api (or KAGGLE_USERNAME "
                     "and KAGGLE_KEY, or put kaggle.json in ~/.kaggle)")
 

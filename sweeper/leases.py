@@ -1,6 +1,6 @@
 """Leases on running trials, on every store: heartbeats, staleness judged on the observer's clock, takeover.
 
-Optuna's own heartbeat is RDB-only and runs only inside study.optimize (DESIGN.md), so:
+Optuna's own heartbeat is RDB-only and runs only inside study.optimize (docs/design.md), so:
 - A running trial's lease is its system attr LEASE: worker, account, platform, checkpoint folder and a
   beat counter, rewritten every heartbeat_s by a background thread (`Heartbeat`): one store write, the
   same on every store (an attr op on a journal or sheet, a row on a server, our own shard on Drive).
@@ -29,10 +29,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import UserError, first_line
-from sweeper.record import (FINISHED, LEASE, RESUME_FROM, RESUMES, STALE_REASON, TAKEOVER, fail_reason, lease_of,
-                            params_of, result_of, resumed_from, trial_key)
-
-WORKER_STOPPED = "worker_stopped:"  # study user attr per worker that gave up: who, where, why
+from sweeper.record import (FINISHED, LEASE, RESUME_FROM, RESUMES, STALE_REASON, TAKEOVER, WORKER_STOPPED,
+                            fail_reason, lease_of, params_of, result_of, resumed_from, trial_key)
 GRACE_BEATS = 3
 NOT_RETRIED = ("surplus:", "claim lost:")  # failures that lost nothing: another trial holds the place
 # (a drive claim that lost is failed "claim lost: ..." by whoever finds out: the worker or the store's own settle)
@@ -212,7 +210,9 @@ def not_retried(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str]]:
     """`sweeper retry`: enqueue the given finished trials again (None: every failed one not yet resumed),
-    each resuming from its last checkpoint where it left one. Returns (number, checkpoint or '')."""
+    each resuming from its last checkpoint where it left one. Returns (number, checkpoint or ''). A trial that was
+    resumed already is not enqueued twice: where its resume finished or is under way, it is refused; where the
+    resume failed too, that last failed link is the one retried (its checkpoint is the newest)."""
     trials = study.get_trials(deepcopy=False)
     if numbers is None:
         chosen = not_retried(trials)
@@ -221,7 +221,7 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
         missing = [n for n in numbers if n not in by_number]
         if missing:
             raise UserError(f"no trial {', '.join(map(str, missing))} in study {study.study_name!r}")
-        chosen = [by_number[n] for n in numbers]
+        chosen = [latest_link(trials, by_number[n]) for n in numbers]
         running = [t.number for t in chosen if not t.state.is_finished()]
         if running:
             raise UserError(f"trial {', '.join(map(str, running))} has not finished; only finished trials are retried")
@@ -233,6 +233,28 @@ def retry(study: optuna.Study, numbers: list[int] | None) -> list[tuple[int, str
         enqueue_resume(study, t, checkpoint)
         done.append((t.number, checkpoint or ""))
     return done
+
+
+def latest_link(trials: list[FrozenTrial], trial: FrozenTrial) -> FrozenTrial:
+    """The last trial of `trial`'s resume chain (the lowest-numbered resume at each link, the one that runs), when
+    that is a failed one to retry; a UserError naming the link that finished or is under way."""
+    resumes: dict[int | str, list[FrozenTrial]] = {}
+    for t in trials:
+        if (key := t.user_attrs.get(RESUMES)) is not None:
+            resumes.setdefault(key, []).append(t)
+    at, seen = trial, {trial.number}
+    while (later := [t for t in resumes.get(trial_key(at), []) if t.number not in seen]):
+        at = min(later, key=lambda t: t.number)
+        seen.add(at.number)
+    if at is trial:
+        return trial
+    state = at.state.name.lower()
+    if at.state in FINISHED:
+        raise UserError(f"trial {trial.number} was resumed as #{at.number}, which is {state}: its result stands "
+                        f"(sweeper enqueue --repeat runs its config again)")
+    if not at.state.is_finished():
+        raise UserError(f"trial {trial.number} is being resumed as #{at.number} ({state})")
+    return at
 
 
 def take_over_stale(study: optuna.Study, watcher: Watcher, log: Callable[[str], None], by: str = "") -> int:

@@ -11,6 +11,7 @@ secret SWEEPER_STORE instead.
 from __future__ import annotations
 
 import base64
+import lzma
 import re
 from importlib.resources import files
 from pathlib import Path
@@ -58,12 +59,12 @@ def render(platform: str, store: str, study: str | None = None, *, account: str 
     if install and re.search(r"://[^/@\s]+@", install):
         raise UserError("the install requirement holds a credential (https://user@host or user:token@host); "
                         "give one that needs none, e.g. a public git URL or a package version")
-    wheel_name, wheel_bytes = wheel.build() if install is None else (None, None)
+    wheel_name, wheel_bytes = wheel.build(stored=True) if install is None else (None, None)
     nb = nbformat.reads(files("sweeper.templates").joinpath(f"{platform}.ipynb").read_text(), as_version=4)
     fill(nb, "parameters", {**shared, "account": account, "max_trials": max_trials, "checkpoint_root": checkpoint_root,
                             "deadline_hours": deadline_hours, "per_gpu": per_gpu}, comments)
-    fill(nb, "sweeper-code", {"rendered_by": __version__, "wheel_name": wheel_name,
-                              "wheel_base64": base64.b64encode(wheel_bytes).decode() if wheel_bytes else None})
+    carried = base64.b64encode(lzma.compress(wheel_bytes, preset=9 | lzma.PRESET_EXTREME)).decode() if wheel_bytes else None
+    fill(nb, "sweeper-code", {"rendered_by": __version__, "wheel_name": wheel_name, "wheel_xz_base64": carried})
     nbformat.validate(nb)
     return nb
 

@@ -1,7 +1,7 @@
 """The notebook platforms (colab, kaggle, local): which one this process runs on, its secrets, its login, Drive.
 
 One rule for detection, used by the runner and the credentials alike. Kaggle first: its image also ships
-google.colab and sets COLAB_RELEASE_TAG (DESIGN.md); Kaggle sets KAGGLE_KERNEL_RUN_TYPE in interactive and batch
+google.colab and sets COLAB_RELEASE_TAG (docs/design.md); Kaggle sets KAGGLE_KERNEL_RUN_TYPE in interactive and batch
 runs. Colab: its kernel's shell is google.colab's, and its VM sets COLAB_RELEASE_TAG for every process, so a
 `!sweeper worker` subprocess is on Colab too.
 

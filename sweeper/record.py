@@ -1,8 +1,10 @@
 """What a trial record holds: the attr names every part of sweeper reads and writes, and how to read them.
 
 runner/worker.py writes two user attrs, one store write each: WORKER (id, account, platform, gpu) when a trial
-starts and RESULT (runner.train.TrialResult's fields, or fail_reason) when it ends. sweeper/leases.py writes the
-lease (a system attr) and, on a takeover, the resume attrs.
+starts and RESULT (runner.train.TrialResult's fields, or fail_reason) when it ends. A diverged trial (a NaN or inf
+loss) is told PRUNED, its value the last finite eval loss, and its RESULT carries DIVERGED (the reason). Before its
+first claim every worker writes its machine card (runner/doctor.py: the preflight's checks) as the study user attr
+CARD + its id. sweeper/leases.py writes the lease (a system attr) and, on a takeover, the resume attrs.
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ STALE_REASON = "stale_reason"  # user attr on a trial failed by a takeover
 TAKEOVER = "takeover"  # user attr beside it: the taking worker ("by"), its wall time ("at"), the silence it saw
 ORIGIN = "sweeper:origin"  # system attr, on stores whose trial numbers are each view's own (drive): its name
 SEED = "seed"  # user attr of a repeat (sweeper enqueue --repeat): its train.seed; without it, the spec's
+CARD = "worker_card:"  # study user attr per worker: its machine card (runner/doctor.py), written before its first claim
+WORKER_STOPPED = "worker_stopped:"  # study user attr per worker that gave up: who, where, why (sweeper/leases.py)
+PER_WORKER = (CARD, WORKER_STOPPED)  # study user attrs each written by one worker alone, under its own id
+DIVERGED = "diverged"  # key of RESULT: why the loss became NaN/inf ("training loss became nan at step 3 (fp16)")
+STUDY_KEY = "sweeper_key"  # study user attr made at init: checkpoint folders are named by it, never by the name alone
 FIXED_PARAMS = "fixed_params"  # Optuna's system attr: an enqueued trial's params until it runs
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts against the budget
+METRIC = "eval_loss"  # the objective's name in every Optuna tool (create_study sets it: study.set_metric_names)
 
 
 def params_of(trial: FrozenTrial) -> dict[str, Any]:
@@ -46,6 +54,16 @@ def lease_of(trial: FrozenTrial) -> dict[str, Any]:
 
 def fail_reason(trial: FrozenTrial) -> str:
     return str(result_of(trial).get("fail_reason") or "")
+
+
+def diverged_of(trial: FrozenTrial) -> str:
+    """Why a diverged trial's loss became NaN or inf; "" for any other trial."""
+    return str(result_of(trial).get(DIVERGED) or "")
+
+
+def cards(study_user_attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Worker id -> its machine card, from the study's user attrs."""
+    return {k[len(CARD):]: v for k, v in study_user_attrs.items() if k.startswith(CARD) and isinstance(v, dict)}
 
 
 def trial_key(trial: FrozenTrial) -> int | str:

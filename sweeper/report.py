@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from datetime import datetime
 from itertools import repeat
 from typing import Any
@@ -17,7 +18,8 @@ from rich.console import Console
 from sweeper import configs
 from sweeper.accounts import trial_gpu_hours
 from sweeper.leases import chains, lease_note
-from sweeper.record import RESULT, STALE_REASON, WORKER, eval_loss_of, fail_reason, params_of, row_info
+from sweeper.record import (RESULT, RESUMES, STALE_REASON, WORKER, diverged_of, eval_loss_of, fail_reason, params_of,
+                            row_info)
 from sweeper.spec import SweepSpec
 from sweeper.storage import Store, gc_paused
 
@@ -32,6 +34,8 @@ ATTR_COLUMNS = [
 ]
 # What `--all` takes out of a row that does not fit, in order: numbers are left out, texts go on lines below.
 TAKE_OUT = ["tok/s", "wall s", "steps", "note", "checkpoint", "GPU", "account"]
+IN_BUDGET = ["complete", "pruned", "diverged", "running", "queued"]  # the states that hold a place in the budget
+STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "queued"}
 
 
 def trial_rows(study: optuna.Study, store: Store | None = None, grace_s: float | None = None,
@@ -67,19 +71,42 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "datetime_complete": t.datetime_complete,
         "gpu_hours": trial_gpu_hours(t),
         "user_attrs": t.user_attrs,  # shared with the trial: read, never written
-        "note": fail_reason(t) or t.user_attrs.get(STALE_REASON, ""),
+        "note": fail_reason(t) or t.user_attrs.get(STALE_REASON, "") or _diverged_note(t),
     }
 
 
+def _diverged_note(t: FrozenTrial) -> str:
+    reason = diverged_of(t) if t.state == TrialState.PRUNED else ""  # (a diverged trial is told PRUNED)
+    return f"diverged: {reason}" if reason else ""
+
+
 def summary(study: optuna.Study, spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
-    counts = {s.name: 0 for s in TrialState}
+    """`--all`'s first line: the budget (budget()), the best config, GPU-hours."""
+    counts = budget(rows, spec.n_trials)
+    finished = counts["complete"] + counts["pruned"] + counts["diverged"]
+    parts = ", ".join(f"{name} {counts[name]}" for name in (*IN_BUDGET, "left") if counts[name])
+    apart = "".join([f"; failed {counts['failed']}, outside the budget" if counts["failed"] else "",
+                     f"; queued {counts['beyond']} beyond the budget" if counts["beyond"] else ""])
+    return (f"study {study.study_name}: {finished}/{spec.n_trials} finished ({parts}{apart}); "
+            f"{configs.best_text(configs.group_configs(rows))}; {gpu_hours(rows):.2f} GPU-hours")
+
+
+def budget(rows: list[dict[str, Any]], n_trials: int) -> Counter:
+    """The trials as the budget counts them, so that the figures add up to n_trials: IN_BUDGET's states hold a place
+    (a diverged trial, told PRUNED, counted apart), "left" is the places no trial holds yet. Apart: "failed" (no
+    place: a failed trial's resume holds it, once) and "beyond", queued trials past the budget, which no worker
+    runs unless n_trials is raised (workers stop at it). A queued resume keeps its failed trial's place: first."""
+    counts: Counter = Counter()
+    resumes = 0
     for r in rows:
-        counts[r["state"]] += 1
-    finished = counts["COMPLETE"] + counts["PRUNED"]
-    best = configs.best_number(rows)  # by the rule, which accounts for repeats
-    best_text = f"best #{best}: {next(r for r in rows if r['number'] == best)['eval_loss']:.4f}" if best is not None else "no complete trial yet"
-    parts = [f"{k.lower()} {v}" for k, v in counts.items() if v]
-    return f"study {study.study_name}: {finished}/{spec.n_trials} finished ({', '.join(parts) or 'no trials'}); {best_text}; {gpu_hours(rows):.2f} GPU-hours"
+        state = "diverged" if r["state"] == "PRUNED" and configs.row_diverged(r) else STATE_WORDS[r["state"]]
+        counts[state] += 1
+        resumes += state == "queued" and RESUMES in r["user_attrs"]
+    room = n_trials - counts["complete"] - counts["pruned"] - counts["diverged"] - counts["running"] - resumes
+    counts["beyond"] = max(0, counts["queued"] - resumes - max(0, room))
+    counts["queued"] -= counts["beyond"]
+    counts["left"] = max(0, n_trials - sum(counts[name] for name in IN_BUDGET))
+    return counts
 
 
 def gpu_hours(rows: list[dict[str, Any]]) -> float:
@@ -140,10 +167,10 @@ def _table_columns(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[list[st
     columns = [
         [str(r["number"]) for r in rows],
         [r["state"].lower() for r in rows],
-        *([fmt(r["params"].get(name)) for r in rows] for name in param_names),
+        *([configs.value_text(r["params"].get(name)) for r in rows] for name in param_names),
         ["" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}" + (
             f" @{r['last_eval']}" if r["state"] == "PRUNED" and r["last_eval"] is not None else "") for r in rows],
-        *(list(map(fmt, _attr_column(sources, key))) for key, _ in ATTR_COLUMNS),
+        *(list(map(configs.value_text, _attr_column(sources, key))) for key, _ in ATTR_COLUMNS),
         [r["note"] for r in rows],
     ]
     return headers, right, columns
@@ -156,19 +183,6 @@ def _attr_sources(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict
 def _attr_column(sources: list[tuple[dict[str, Any], dict[str, Any]]], key: str) -> list[Any]:
     """[row_info(r).get(key) for r in rows], without building the merged dicts."""
     return [result[key] if key in result else worker.get(key) for result, worker in sources]
-
-
-def fmt(value: Any) -> str:
-    """A param or attr value as the report shows it: floats to 4 significant digits, None as nothing."""
-    if type(value) is str:
-        return value
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.4g}"
-    return str(value)
 
 
 def to_json(rows: Any) -> str:

@@ -133,7 +133,7 @@ def _spaced(lo: float, hi: float, n: int, log: bool) -> list[float]:
 
 
 def default_space() -> dict[str, ParamSpec]:
-    """The LoRA space DESIGN.md argues for: lr log-uniform 3e-5..2e-3, effective batch 8/16/32."""
+    """The LoRA space docs/design.md argues for: lr log-uniform 3e-5..2e-3, effective batch 8/16/32."""
     return {
         "learning_rate": ParamSpec("learning_rate", low=3e-5, high=2e-3, log=True),
         "batch_size": ParamSpec("batch_size", choices=[8, 16, 32]),
@@ -185,18 +185,62 @@ def drop_none(value: Any) -> Any:
 # Parsing and validation: every problem is collected, then raised as one UserError.
 
 
-def data_problem(spec: SweepSpec) -> str | None:
-    """What is wrong with data.source on this machine, or None: a local path (a .jsonl file, or a source written as a
-    path) that is not there. A Hugging Face dataset name is the worker's to fetch. Relative paths are from the
+def local_problems(spec: SweepSpec) -> list[str]:
+    """What is wrong, on this machine, with what the sweep file names as local: a data.source or model.id written as a
+    path that is not there, a model folder without its config.json, a text (or prompt/response) field that the first
+    rows of a local JSONL file do not have. Hugging Face names are the worker's to fetch. Relative paths are from the
     current folder, as a worker started here reads them."""
+    problems = []
     source = spec.data.source
     path = Path(source).expanduser()
     if path.exists():
-        return None if path.is_file() or path.is_dir() else f"data.source {source!r} is neither a file nor a folder"
-    if path.suffix in (".jsonl", ".json") or source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:
-        return f"data.source {source!r} is a path, and there is no file there" + (
-            f" (relative to {Path.cwd()})" if not path.is_absolute() else "")
-    return None
+        if not (path.is_file() or path.is_dir()):
+            problems.append(f"data.source {source!r} is neither a file nor a folder")
+        elif path.is_file() and path.suffix == ".jsonl":
+            problems += _missing_fields(spec.data, path)
+    elif _written_as_path(source, (".jsonl", ".json")):
+        problems.append(f"data.source {source!r} is a path, and there is no file there"
+                        + (f" (relative to {Path.cwd()})" if not path.is_absolute() else ""))
+    model = Path(spec.model.id).expanduser()
+    if model.is_dir():
+        if not (model / "config.json").is_file():
+            problems.append(f"model.id {spec.model.id!r} is a folder without a config.json: not a saved model")
+    elif model.exists() or _written_as_path(spec.model.id, ()):
+        problems.append(f"model.id {spec.model.id!r} is a path, and there is no model folder there"
+                        + (f" (relative to {Path.cwd()})" if not model.is_absolute() else ""))
+    return problems
+
+
+def _written_as_path(name: str, suffixes: tuple[str, ...]) -> bool:
+    """A name that can only be a path (a Hugging Face name is `owner/name`, at most one slash, no leading one)."""
+    return Path(name).suffix in suffixes or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+FIELDS_READ = 20  # rows of local data whose fields init checks
+
+
+def _missing_fields(data: DataSpec, path: Path) -> list[str]:
+    """The fields the spec reads that the first rows of a JSONL file lack (a typo: every worker would stop on it)."""
+    import json
+
+    wanted = ([("prompt_field", data.prompt_field), ("response_field", data.response_field)]
+              if data.prompt_field and data.response_field else [("text_field", data.text_field)])
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    rows.append(json.loads(line))
+                if len(rows) == FIELDS_READ:
+                    break
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [f"data.source {str(path)!r} is not JSON lines ({str(e).splitlines()[0]})"]
+    rows = [r for r in rows if isinstance(r, dict)]
+    if not rows:
+        return [f"data.source {str(path)!r} holds no JSON object a line"]
+    present = sorted(set().union(*rows))
+    return [f"data.{setting} = {field!r}, but the first rows of {path.name} have no such field (they have "
+            f"{', '.join(present)})" for setting, field in wanted if field and not any(field in r for r in rows)]
 
 
 def load_spec(path: str | Path) -> SweepSpec:

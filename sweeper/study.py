@@ -6,6 +6,8 @@ import contextlib
 import itertools
 import logging
 import math
+import uuid
+import warnings
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sweeper.configs import ConfigGroup, config_key, trial_seeds
 from sweeper.errors import SweeperError, UserError, first_line
 from sweeper.spec import TUNABLE, SweepSpec, spec_from_dict
-from sweeper.record import FIXED_PARAMS, RESUMES, SEED, params_of
+from sweeper.record import FIXED_PARAMS, METRIC, RESUMES, SEED, STUDY_KEY, params_of
 from sweeper.storage import Store, open_store, redact, store_lock
 
 SPEC_ATTR = "sweeper_spec"
@@ -47,7 +49,7 @@ def create_study(spec: SweepSpec, store: Store | str, overwrite: bool = False) -
             if stored == spec.to_dict():
                 return study, "exists, unchanged"
             if not overwrite:
-                changed = _changed_fields(stored or {}, spec.to_dict())
+                changed = changed_fields(stored or {}, spec.to_dict())
                 raise UserError(
                     f"study {spec.study!r} already exists with a different spec (changed: {', '.join(changed)}); "
                     "pass --overwrite to replace the spec (trials are kept)"
@@ -63,19 +65,29 @@ def create_study(spec: SweepSpec, store: Store | str, overwrite: bool = False) -
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             return study, "spec replaced"
         study = optuna.create_study(study_name=spec.study, storage=storage, direction="minimize")
+        with warnings.catch_warnings():  # set_metric_names is "experimental": nothing a user acts on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC])  # what every Optuna tool (dashboard, plots) calls the objective
+        study.set_user_attr(STUDY_KEY, uuid.uuid4().hex[:12])  # before the spec: a study workers join has its key
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         return study, "created"
 
 
-def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the fields that differ between two specs (as dicts)."""
     changed = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_fields(a, b, f"{prefix}{key}.")
+            changed += changed_fields(a, b, f"{prefix}{key}.")
         elif a != b:
             changed.append(f"{prefix}{key}")
     return changed
+
+
+def stored_spec(study: optuna.Study) -> dict[str, Any] | None:
+    """The spec as the study holds it now (sweeper init --overwrite replaces it), as a dict."""
+    return study.user_attrs.get(SPEC_ATTR)
 
 
 def load_study(store: Store | str, name: str | None, worker_seed: int | None = None) -> tuple[optuna.Study, SweepSpec]:
@@ -120,6 +132,13 @@ def _store_errors(url: str) -> Iterator[None]:
         if "database or disk is full" in first:
             first = "the disk is full (SQLite: database or disk is full)"
         raise SweeperError(f"store {redact(url)} failed: {first.replace(url, redact(url))}") from None
+
+
+def checkpoint_folder(study: optuna.Study) -> str:
+    """The study's folder under a checkpoint root: its name and the key made at init, so that two sweeps of one name
+    (in two stores) never read each other's checkpoints; a study made before keys were, its name alone."""
+    key = study.user_attrs.get(STUDY_KEY)
+    return f"{study.study_name}-{key}" if isinstance(key, str) and key.isalnum() else study.study_name
 
 
 def sampler_seed(spec: SweepSpec, worker_seed: int | None = None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sweeper.errors import UserError
 
-DISTRIBUTION = "sweeper-qlora"  # on PyPI, `sweeper` is an unrelated project (DESIGN.md)
+DISTRIBUTION = "sweeper-qlora"  # on PyPI, `sweeper` is an unrelated project (docs/design.md)
 PACKAGES = ("sweeper", "sweeper.templates", "runner")  # sweeper.templates is the checkout's templates/ folder
 ZIP_TIME = (2020, 1, 1, 0, 0, 0)
 
@@ -36,8 +36,9 @@ def package_files() -> list[tuple[str, bytes]]:
     return sorted(files.items())  # installed from a wheel, sweeper's walk already held sweeper/templates/
 
 
-def build() -> tuple[str, bytes]:
-    """(wheel file name, wheel bytes) of this install."""
+def build(stored: bool = False) -> tuple[str, bytes]:
+    """(wheel file name, wheel bytes) of this install; stored: its files uncompressed (for the notebook, which
+    compresses the whole wheel at once: xz over every file together is a third smaller than each file deflated)."""
     try:
         dist = metadata.distribution(DISTRIBUTION)
     except metadata.PackageNotFoundError:
@@ -52,6 +53,7 @@ def build() -> tuple[str, bytes]:
     # the checkout is on sys.path): the same core metadata either way.
     meta = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
     meta = re.sub(r"(?m)^Version: .*$", f"Version: {version}", meta, count=1)
+    meta = re.sub(r"(?m)^Description-Content-Type: .*\n", "", meta.split("\n\n", 1)[0]) + "\n"  # no README inside
     files += [(f"{info}/METADATA", meta.encode()),
               (f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: sweeper\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
               (f"{info}/entry_points.txt", (dist.read_text("entry_points.txt") or "").encode())]
@@ -62,7 +64,10 @@ def build() -> tuple[str, bytes]:
         for name, data in files:
             entry = zipfile.ZipInfo(name, ZIP_TIME)
             entry.external_attr = 0o644 << 16
-            wheel.writestr(entry, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+            if stored:
+                wheel.writestr(entry, data, compress_type=zipfile.ZIP_STORED)
+            else:
+                wheel.writestr(entry, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
     return f"{stem}-py3-none-any.whl", buffer.getvalue()
 
 

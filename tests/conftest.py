@@ -51,7 +51,7 @@ GRID_SIZE = 8
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Say first what a result depends on, so a red run on one machine and a green one on another can be told
-    apart: bitsandbytes trains differently on a CPU with AVX512-BF16 (DESIGN.md), and versions move by the day."""
+    apart: bitsandbytes trains differently on a CPU with AVX512-BF16 (docs/design.md), and versions move by the day."""
     from importlib.metadata import PackageNotFoundError, version
 
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

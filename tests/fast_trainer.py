@@ -66,6 +66,15 @@ class TrialResult:  # the fields of runner.train.TrialResult that the worker and
     checkpoint: str
     resumed_from_step: int
     gpus: int = 1
+    diverged: str = ""
+
+
+def preflight(spec, sweep_data, base, *, precision=None, log=print) -> dict:
+    """runner.doctor's machine card, for a trainer that uses no device: one check, which says so."""
+    check = {"name": "fast trainer", "status": "pass", "seconds": 0.0, "detail": "no device: a trial sleeps"}
+    return {"device": "cpu", "gpu": "cpu", "capability": None, "memory_gb": None, "versions": {},
+            "precision": precision or "fp32", "micro_batch": None, "gradient_checkpointing": False, "fused": False,
+            "fused_note": "the fast trainer", "checks": [check], "ok": True, "seconds": 0.0, "at": time.time()}
 
 
 class Preempted(Exception):

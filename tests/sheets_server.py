@@ -31,7 +31,7 @@ reproduces, each switchable, with where each behaviour is documented or was reco
 - a null cell in an update or append is skipped: the cell keeps what it held (sheets.v4 discovery document,
   ValueRange.values: "Null values will be skipped. To set a cell to an empty value, set the string value to
   an empty string."); 50,000 characters per cell;
-- latency per request: google_latency() is Google as seen from a notebook (DESIGN.md: 0.15-0.5 s, tails of
+- latency per request: google_latency() is Google as seen from a notebook (docs/design.md: 0.15-0.5 s, tails of
   seconds; googlesheets4#187 saw minutes), scaled by one factor in tests;
 - append modes. "serialized": each append picks its row and writes it in one step. "racy": an append
   picks its row when it arrives and writes when it lands, so concurrent appends aim at the same row:

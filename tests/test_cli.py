@@ -254,7 +254,8 @@ def test_report_all_shows_the_summary_and_every_trial(with_trials):
     result = sweeper("report", "--store", with_trials, "--all")
     assert result.exit_code == 0
     out = result.stdout
-    assert "study demo: 3/6 finished (running 1, complete 2, pruned 1, fail 1); best #1: 1.2000" in out
+    assert ("study demo: 3/6 finished (complete 2, pruned 1, running 1, left 2; failed 1, outside the budget); "
+            "best config #1: 1.2000, 1 run;") in out
     assert f"{(600.5 + 120 + 300) / 3600:.2f} GPU-hours" in out
     for word in ("complete", "pruned", "fail", "running", "2.4000 @2", "alice", "carol", "Tesla T4"):
         assert word in out
@@ -390,3 +391,38 @@ def test_console_script_on_a_bad_url_prints_one_error_line_and_exits_2(tmp_path)
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith("Error: unknown store scheme 'nope'")
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["worker", "--store", "sqlite:///x.db"], ["doctor"], ["demo"],
+                                  ["full-run", "--store", "sqlite:///x.db"]], ids=lambda a: a[0])
+def test_a_training_command_without_the_runner_extra_is_one_line(args, monkeypatch):
+    """`pip install -e .` alone: the control plane. What trains says what to install, before importing anything."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "bitsandbytes")
+                        else find_spec(name, *a))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert one_error_line(result) == (f"Error: sweeper {args[0]} trains, and torch, bitsandbytes are not installed: "
+                                      "pip install 'sweeper-qlora[runner]' (on Colab and Kaggle, which ship their own "
+                                      "torch, the runner notebook installs it)")
+
+
+def test_init_names_the_objective_and_gives_the_study_a_key_of_its_own(spec_toml, tmp_path):
+    """Every Optuna tool (the dashboard, plots) says eval_loss, not "Objective 0"; checkpoint folders are named by the
+    key, so two studies of one name in two stores never share them."""
+    from sweeper.record import STUDY_KEY
+    from sweeper.study import checkpoint_folder
+
+    keys = []
+    for name in ("a.db", "b.db"):
+        url = f"sqlite:///{tmp_path / name}"
+        assert sweeper("init", spec_toml, "--store", url).exit_code == 0
+        study, _ = load_study(url, "demo")
+        assert study.metric_names == ["eval_loss"]
+        keys.append(study.user_attrs[STUDY_KEY])
+        assert checkpoint_folder(study) == f"demo-{keys[-1]}"
+        assert sweeper("init", spec_toml, "--store", url).exit_code == 0  # run again: the same key
+        assert load_study(url, "demo")[0].user_attrs[STUDY_KEY] == keys[-1]
+    assert keys[0] != keys[1]

@@ -11,8 +11,8 @@ import pytest
 from optuna.trial import TrialState
 from test_cli import sweeper
 
-from sweeper.configs import RULE, best_notes, group_configs
-from sweeper.record import SEED
+from sweeper.configs import RULE_SHORT, best_notes, group_configs, params_text, value_text
+from sweeper.record import DIVERGED, RESULT, SEED
 from sweeper.leases import hand_over
 from sweeper.study import load_study, suggest
 
@@ -52,8 +52,22 @@ def run(url: str, params: dict, loss: float | None, state: TrialState = TrialSta
     return trial.number
 
 
+def diverge(url: str, params: dict, evals: list[float]) -> int:
+    """A trial as a worker tells one whose loss became NaN: its finite evals reported, then PRUNED with the reason."""
+    study, spec = load_study(url, "demo")
+    study.enqueue_trial(params)
+    trial = study.ask()
+    suggest(trial, spec)
+    for k, loss in enumerate(evals, 1):
+        trial.report(loss, k)
+    trial.set_user_attr(RESULT, {"steps": 3, "total_steps": 20, "eval_losses": evals, "precision": "fp16",
+                                 DIVERGED: "training loss became nan at step 3 (fp16)"})
+    study.tell(trial, state=TrialState.PRUNED)
+    return trial.number
+
+
 def rows(*runs: tuple[int, str, dict, float | None]) -> list[dict]:
-    return [{"number": n, "state": s, "params": p, "eval_loss": loss} for n, s, p, loss in runs]
+    return [{"number": n, "state": s, "params": p, "eval_loss": loss, "user_attrs": {}} for n, s, p, loss in runs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +84,13 @@ def test_trials_of_one_config_are_grouped_however_its_numbers_were_written():
     assert math.isclose(first.mean, 1.1) and math.isclose(first.std, math.sqrt(0.02))
     assert (first.best, first.best_trial) == (1.0, 0)
     assert groups[1].runs == [5] and groups[1].std is None
+
+
+def test_params_and_values_read_to_3_significant_digits_wherever_a_person_reads_them():
+    assert [value_text(v) for v in (1.959753690462899e-05, 0.123456, 2.0, 1234.5, 16, None, "cosine")] == [
+        "1.96e-05", "0.123", "2", "1,234", "16", "", "cosine"]
+    assert params_text({"learning_rate": 1.23456789e-4, "batch_size": 16, "lora_dropout": 0.05123}) == (
+        "learning_rate=0.000123, batch_size=16, lora_dropout=0.0512")  # what the worker logs a trial's params as
 
 
 def test_before_any_repeat_the_best_config_is_the_lowest_eval_loss():
@@ -95,6 +116,17 @@ def test_a_single_run_better_by_far_more_than_the_noise_is_the_best():
                                 (3, "COMPLETE", B, 0.80)))
     assert [g.runs for g in groups] == [[3], [0, 1, 2]]
     assert best_notes(groups) == []  # 0.20 apart: the noise (0.03) cannot explain it
+
+
+def test_a_config_that_diverged_once_is_never_ranked_however_well_its_other_runs_did(store):
+    run(store, A, 1.0), run(store, B, 0.9)
+    diverge(store, B, [0.85])  # a repeat of B, another seed: NaN after its first eval, lower than any other
+
+    config = json.loads(sweeper("best", "--store", store, "--json").stdout)
+
+    assert (config["best_trial"], config["trials"]) == (0, [0])  # B's complete run would have won
+    assert "never one that diverged" in config["rule"]
+    assert "a config with a diverged run is never picked" in " ".join(sweeper("best", "--help").stdout.split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +264,11 @@ def test_best_picks_the_repeated_config_and_says_by_which_rule(store, tmp_path):
     exported = sweeper("best", "--store", store, "--export", tmp_path / "best.toml")
 
     config = json.loads(as_json.stdout)
-    assert (config["rule"], config["trials"], config["best_trial"]) == (RULE, [0, 1, 2], 0)
+    assert (config["rule"], config["trials"], config["best_trial"]) == (RULE_SHORT, [0, 1, 2], 0)
     assert math.isclose(config["eval_loss"], 1.0) and math.isclose(config["eval_loss_std"], 0.03)
     assert (config["train"]["learning_rate"], config["train"]["batch_size"]) == (1e-4, 8)
     assert "note: the runner-up (trial #3, mean 0.9900) is within the noise" in as_json.stderr
     assert ("best config: trials #0, #1, #2 (mean eval loss 1.0000 ± 0.0300) written to "
             f"{tmp_path / 'best.toml'}") in exported.stderr
-    assert RULE in (tmp_path / "best.toml").read_text()
+    assert f'rule = "{RULE_SHORT}"' in (tmp_path / "best.toml").read_text() and len(RULE_SHORT) < 120
     assert "lowest mean eval loss + standard error" in " ".join(sweeper("best", "--help").stdout.split())

@@ -74,17 +74,25 @@ def test_demo_into_an_unwritable_folder_is_one_line_and_exit_1(tmp_path):
 
 
 def sweep_with_model(tmp_path, model_id: str) -> str:
+    """A study of this model, made as `sweeper init` makes it but without init's check of a local model: the folder
+    that went away after init, or a store whose workers run elsewhere."""
     from conftest import SPEC_TOML
+
+    from sweeper.spec import load_spec
+    from sweeper.study import create_study
 
     (tmp_path / "sweep.toml").write_text(SPEC_TOML.replace('id = "tiny/model"', f'id = "{model_id}"'))
     (tmp_path / "data.jsonl").write_text('{"text": "a few words"}\n')  # init checks that a local store's data is there
     store = f"sqlite:///{tmp_path / 's.db'}"
-    assert sweeper("init", "sweep.toml", "--store", store, cwd=tmp_path).returncode == 0
+    create_study(load_spec(tmp_path / "sweep.toml"), store)
     return store
 
 
 def test_a_model_id_that_is_no_folder_is_one_line_and_the_store_says_which_worker_stopped(tmp_path):
     store = sweep_with_model(tmp_path, "/no/such/model")
+    refused = sweeper("init", "sweep.toml", "--store", f"sqlite:///{tmp_path / 'new.db'}", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.strip() == (  # init says so first, on this machine
+        "Error: sweep.toml: model.id '/no/such/model' is a path, and there is no model folder there")
     done = sweeper("worker", "--store", store, "--account", "ana", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "Error: model.id '/no/such/model' is a path, and there is no folder there"

@@ -176,6 +176,25 @@ def test_drive_urls_and_what_a_drive_study_refuses(tmp_path, spec_toml):
         optuna.delete_study(study_name="demo", storage=open_storage(url))
 
 
+def test_any_worker_writes_its_own_machine_card_and_stop_and_every_view_sees_them(tmp_path):
+    from sweeper.leases import record_worker_stop, stopped_workers
+    from sweeper.record import CARD, cards
+
+    folder = tmp_path / "sweep"
+    a = optuna.create_study(study_name="s", storage=drive(folder, "a"))
+    a.set_user_attr("sweeper_spec", {"n_trials": 3})
+    b = optuna.load_study(study_name="s", storage=drive(folder, "b"))  # not the study's creator
+    b.set_user_attr(CARD + "bo/1", {"gpu": "Tesla T4", "ok": True})
+    record_worker_stop(b, {"id": "bo/1", "account": "bo", "platform": "colab", "gpu": "Tesla T4"}, "preflight failed")
+    with pytest.raises(UserError, match="cannot change once workers copied it"):
+        b.set_user_attr("sweeper_spec", {"n_trials": 4})  # the spec stays the creator's
+    for view in (a, optuna.load_study(study_name="s", storage=open_storage(f"drive://{folder}"))):
+        view._storage.sync()
+        assert cards(view.user_attrs) == {"bo/1": {"gpu": "Tesla T4", "ok": True}}
+        assert [line.endswith("stopped: preflight failed") for line in stopped_workers(view)] == [True]
+        assert view.user_attrs["sweeper_spec"] == {"n_trials": 3}
+
+
 def test_six_workers_on_a_lagging_synced_folder_lose_nothing(tmp_path, spec_table):
     """6 worker processes x 5 trials, each seeing its own copy of the folder, files carried between copies
     0-0.6 s late and out of order (Drive's minutes, scaled down), claims settling for 0.3 s."""

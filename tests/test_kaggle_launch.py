@@ -180,4 +180,4 @@ def test_a_store_on_this_machine_cannot_be_launched(fake, tmp_path):
 def test_timeout_beyond_kaggles_session_limit_is_bad_input(fake, tmp_path):
     done = launch(fake, tmp_path, "--timeout", "13", KAGGLE_API_TOKEN=ALICE["token"])
     assert done.returncode == 2
-    assert "at most 12 hours" in one_error_line(done)
+    assert "at most 9 hours" in one_error_line(done)

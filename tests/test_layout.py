@@ -1,4 +1,4 @@
-"""The package's layout rules (DESIGN.md, "Two planes"): no import cycle, and the registry as the only door to a
+"""The package's layout rules (docs/design.md, "Two planes"): no import cycle, and the registry as the only door to a
 store. Read from the source with ast, so a rule broken anywhere (a function's own import included) fails here."""
 
 from __future__ import annotations

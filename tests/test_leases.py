@@ -30,6 +30,21 @@ class Clock:
         return self.now
 
 
+@pytest.fixture
+def initialized(tmp_path, spec_toml) -> tuple[str, optuna.Study]:
+    """A sqlite store holding conftest's sweep, made by `sweeper init`, and its study."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweeper("init", spec_toml, "--store", url).exit_code == 0
+    return url, optuna.load_study(study_name="demo", storage=open_storage(url))
+
+
+def study_folder(url: str, root: Path) -> Path:
+    """Where the study's checkpoints go under a checkpoint root: its name and the key init made."""
+    from sweeper.study import checkpoint_folder
+
+    return root / checkpoint_folder(optuna.load_study(study_name="demo", storage=open_storage(url)))
+
+
 def running_trial(study: optuna.Study, beat: int | None) -> optuna.Trial:
     trial = study.ask()
     trial.suggest_float("x", 0, 1)
@@ -92,10 +107,8 @@ def test_a_worker_that_watched_while_training_takes_a_dead_trial_over_at_its_nex
     assert failed.user_attrs["takeover"]["by"] == "w2/2" and failed.user_attrs["takeover"]["silent_s"] == 90
 
 
-def test_the_report_gives_a_running_trials_lease_age_and_marks_it_past_the_grace(tmp_path, spec_toml):
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    assert sweeper("init", spec_toml, "--store", url).exit_code == 0
-    study = optuna.load_study(study_name="demo", storage=open_storage(url))
+def test_the_report_gives_a_running_trials_lease_age_and_marks_it_past_the_grace(initialized):
+    url, study = initialized
     for age in (5, 200):
         trial = study.ask()
         study._storage.set_trial_system_attr(trial._trial_id, LEASE, {"worker": "ana/1", "beat": 1,
@@ -123,10 +136,8 @@ def test_two_workers_taking_over_one_trial_enqueue_one_resume(store_url):
         trial.set_user_attr("result", {"eval_loss": 1.0})  # (the worker writes its result before telling)
 
 
-def test_take_over_stale_resumes_and_the_report_shows_the_chain(tmp_path, spec_toml):
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    assert sweeper("init", spec_toml, "--store", url).exit_code == 0
-    study = optuna.load_study(study_name="demo", storage=open_storage(url))
+def test_take_over_stale_resumes_and_the_report_shows_the_chain(tmp_path, initialized):
+    url, study = initialized
     trial = study.ask()
     trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
     trial.suggest_categorical("batch_size", [8, 16])
@@ -149,10 +160,8 @@ def test_take_over_stale_resumes_and_the_report_shows_the_chain(tmp_path, spec_t
         ("COMPLETE", "resumes #0")]
 
 
-def test_retry_re_enqueues_failed_trials_once(tmp_path, spec_toml):
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    assert sweeper("init", spec_toml, "--store", url).exit_code == 0
-    study = optuna.load_study(study_name="demo", storage=open_storage(url))
+def test_retry_re_enqueues_failed_trials_once(tmp_path, initialized):
+    url, study = initialized
     for state in (TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL):
         trial = study.ask()
         trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
@@ -183,7 +192,7 @@ def test_sigterm_checkpoints_and_hands_the_trial_over_and_the_next_worker_resume
     env = {**os.environ, "FAST_TRAINER_STEP_S": "0.3"}
     args = [sys.executable, str(TESTS / "fast_trainer.py"), "--store", url, "--checkpoint-root", str(tmp_path / "c")]
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    progress = tmp_path / "c" / "demo" / "trial-0000" / "progress"
+    progress = study_folder(url, tmp_path / "c") / "trial-0000" / "progress"
     deadline = time.monotonic() + 60
     while not (progress.exists() and progress.read_text() >= "3") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -221,5 +230,85 @@ def test_the_session_deadline_mid_trial_checkpoints_and_hands_the_trial_over(tmp
     trials = optuna.load_study(study_name="demo", storage=open_storage(url)).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[0].user_attrs["result"]["fail_reason"].startswith("preempted: the session deadline is")
-    checkpoints = sorted(p.name for p in (tmp_path / "c" / "demo" / "trial-0000").glob("step-*"))
-    assert checkpoints and trials[1].user_attrs[RESUME_FROM] == str(tmp_path / "c" / "demo" / "trial-0000")
+    folder = study_folder(url, tmp_path / "c") / "trial-0000"
+    checkpoints = sorted(p.name for p in folder.glob("step-*"))
+    assert checkpoints and trials[1].user_attrs[RESUME_FROM] == str(folder)
+
+
+def test_a_restarted_worker_continues_its_own_handed_over_trial_before_fresh_points(tmp_path, spec_toml,
+                                                                                    fast_trainer):
+    from runner import run_worker
+    from sweeper.study import load_study, suggest
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweeper("init", spec_toml, "--store", url).exit_code == 0
+    study, spec = load_study(url, "demo")
+    stopped = study.ask()  # #0: a trial this machine ran, then handed over at step 4 (Ctrl-C)
+    params = suggest(stopped, spec)
+    assert sweeper("enqueue", "--store", url, "--point", "learning_rate=1e-4,batch_size=8",
+                   "--point", "learning_rate=3e-4,batch_size=16").exit_code == 0  # #1, #2: queued meanwhile
+    folder = study_folder(url, tmp_path / "c") / "trial-0000"
+    folder.mkdir(parents=True)
+    fast_trainer.checkpoint(folder, 4, params, [2.0, 1.9])
+    hand_over(study, study._storage.get_trial(stopped._trial_id), {}, str(folder))  # #3: its resume, queued last
+    summary = run_worker(url, max_trials=1, checkpoint_root=str(tmp_path / "c"), log=lambda line: None,
+                         trainer=fast_trainer)
+    assert summary.trials == [3]  # Optuna's ask alone pops the oldest waiting trial, #1
+    resumed = study.get_trials()[3]
+    assert resumed.user_attrs[RESUMES] == 0 and resumed.user_attrs["result"]["resumed_from_step"] == 4
+
+
+def test_a_worker_follows_a_raised_budget_at_its_next_ask(tmp_path, spec_table, fast_trainer, monkeypatch):
+    import tomli_w
+
+    from runner import run_worker
+    from sweeper.spec import spec_from_dict
+    from sweeper.study import create_study
+
+    spec_table["n_trials"] = 2
+    (tmp_path / "sweep.toml").write_text(tomli_w.dumps(spec_table))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert sweeper("init", tmp_path / "sweep.toml", "--store", url).exit_code == 0
+    train = fast_trainer.run_trial
+
+    def raise_the_budget_meanwhile(*args, **kwargs):  # `sweeper init --overwrite` from another shell, mid-trial
+        if not raised:
+            raised.append(create_study(spec_from_dict({**spec_table, "n_trials": 3}), url, overwrite=True))
+        return train(*args, **kwargs)
+
+    raised: list = []
+    monkeypatch.setattr(fast_trainer, "run_trial", raise_the_budget_meanwhile)
+    lines: list[str] = []
+    summary = run_worker(url, checkpoint_root=str(tmp_path / "c"), log=lines.append, trainer=fast_trainer)
+    assert summary.trials == [0, 1, 2] and "budget of 3 trials is met" in summary.stop_reason
+    assert "the study's spec changed (n_trials): following it from this worker's next trial" in lines
+
+
+def test_retry_refuses_a_trial_whose_resume_finished_or_runs_and_retries_the_last_failed_link(initialized):
+    url, study = initialized
+    first = study.ask()
+    first.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
+    first.set_user_attr("result", {"fail_reason": "preempted", "checkpoint": "/c/0"})
+    study.tell(first, state=TrialState.FAIL)
+    assert json.loads(sweeper("retry", "--store", url, "--failed").stdout) == [0]  # #1 resumes #0
+    resume = study.ask()  # the worker takes #1
+    assert resume.number == 1 and resume.user_attrs[RESUMES] == 0
+
+    result = sweeper("retry", "--store", url, "--trial", "0")  # while #1 runs
+    assert result.exit_code == 2 and "trial 0 is being resumed as #1 (running)" in result.output
+    resume.set_user_attr("result", {"checkpoint": "/c/1/step-000040"})
+    study.tell(resume, 1.5)
+    result = sweeper("retry", "--store", url, "--trial", "0")  # #1 completed: #0's place is taken
+    assert result.exit_code == 2 and "trial 0 was resumed as #1, which is complete: its result stands" in result.output
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]  # nothing enqueued
+
+    again = study.ask()
+    again.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
+    again.set_user_attr("result", {"fail_reason": "preempted", "checkpoint": "/c/2"})
+    study.tell(again, state=TrialState.FAIL)
+    assert json.loads(sweeper("retry", "--store", url, "--failed").stdout) == [2]  # #3 resumes #2...
+    took = study.ask()
+    took.set_user_attr("result", {"fail_reason": "preempted", "checkpoint": "/c/3"})
+    study.tell(took, state=TrialState.FAIL)  # ...and was preempted too
+    assert json.loads(sweeper("retry", "--store", url, "--trial", "2").stdout) == [3]  # the newest checkpoint's
+    assert study.get_trials()[-1].user_attrs[RESUME_FROM] == "/c/3"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import lzma
 import re
 import sys
 import zipfile
@@ -63,11 +64,11 @@ def test_every_template_renders_valid_and_without_secrets_for_every_store_it_can
     carried = cell_values(nb, "sweeper-code")
     assert carried["rendered_by"] == sweeper.__version__
     if platform == "local":  # the package is installed here already
-        assert values["install"] == "" and carried["wheel_base64"] is None
+        assert values["install"] == "" and carried["wheel_xz_base64"] is None
     else:  # this install's own code rides in the notebook: never PyPI's unrelated `sweeper`
         assert values["install"] is None and carried["wheel_name"].startswith("sweeper_qlora-")
-        assert zipfile.ZipFile(io.BytesIO(base64.b64decode(carried["wheel_base64"]))).read("sweeper/__init__.py") \
-            == Path(sweeper.__file__).read_bytes()
+        wheel_bytes = lzma.decompress(base64.b64decode(carried["wheel_xz_base64"]))
+        assert zipfile.ZipFile(io.BytesIO(wheel_bytes)).read("sweeper/__init__.py") == Path(sweeper.__file__).read_bytes()
     ids = [c.get("id") for c in nb.cells]
     assert ids == ["intro", "parameters", "sweeper-code", "install", "check", "secrets", "gpu", "worker"] \
         + (["flush"] if platform == "colab" else [])
@@ -96,6 +97,28 @@ def test_a_store_the_notebook_cannot_reach_is_refused_in_one_line(platform, stor
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"Error: {error}") and not out.exists()
 
 
+def test_the_carried_code_cell_is_collapsed_and_its_wheel_compressed_whole():
+    import base64
+    import lzma
+
+    from sweeper import wheel
+
+    for platform in ("colab", "kaggle"):
+        nb = render(platform, STORES["gsheets"], "demo")
+        cell = next(c for c in nb.cells if c.id == "sweeper-code")
+        assert cell.metadata["cellView"] == "form" and cell.metadata["jupyter"]["source_hidden"] is True
+        assert cell.source.startswith("#@title ")  # what Colab shows in its place
+        carried = cell_values(nb, "sweeper-code")["wheel_xz_base64"]
+        assert lzma.decompress(base64.b64decode(carried)) == wheel.build(stored=True)[1]
+        assert len(carried) < 0.75 * len(base64.b64encode(wheel.build()[1]))  # than the deflated wheel's base64
+
+
+def test_the_colab_notebook_states_colabs_terms_as_colab_states_them():
+    intro = render("colab", STORES["gsheets"], "demo").cells[0].source
+    assert "several accounts" in intro and '"running distributed computing workers"' in intro
+    assert "paid Colab tier" in intro and "Kaggle or your own machines" in intro  # what is allowed instead
+
+
 def test_a_password_in_the_query_also_goes_to_a_secret():
     nb = render("colab", "mysql://db.example.com/sweeps?user=bob&password=hunter22", "demo")
     assert "hunter22" not in nbformat.writes(nb) and parameters(nb)["secrets"] == ["SWEEPER_STORE"]
@@ -104,7 +127,7 @@ def test_a_password_in_the_query_also_goes_to_a_secret():
 def test_install_may_name_a_requirement_that_holds_no_credential():
     url = "sweeper-qlora[runner] @ git+https://github.com/team/sweeper@v0.1.0"
     nb = render("kaggle", STORES["gsheets"], "demo", install=url)
-    assert parameters(nb)["install"] == url and cell_values(nb, "sweeper-code")["wheel_base64"] is None
+    assert parameters(nb)["install"] == url and cell_values(nb, "sweeper-code")["wheel_xz_base64"] is None
     with pytest.raises(Exception, match="holds a credential"):
         render("kaggle", STORES["gsheets"], "demo", install="sweeper-qlora @ git+https://ghp_token123@github.com/team/sweeper")
 
@@ -155,12 +178,13 @@ def test_the_local_notebook_runs_a_real_trial_on_a_jupyter_kernel(kernel, tmp_pa
     outputs = {c.id: text_of(nb, c.id) for c in nb.cells if c.cell_type == "code"}
     assert outputs["install"].strip() == ""  # skipped: the package is already here
     assert "platform: local; GPU: 0 x cpu" in outputs["gpu"] and "workers: 1; account: nb" in outputs["gpu"]
+    assert "  preflight bitsandbytes: pass" in outputs["gpu"]  # the device checked before any worker claims
     assert "trial 0 complete: eval loss" in outputs["worker"] and "trials [0]; stopped: ran --max-trials 1" in outputs["worker"]
     assert foreign_lines(outputs["gpu"] + "\n" + outputs["worker"]) == []  # no library chatter in the user's notebook
     assert re.search(r"trial 0: +\d+%\|", outputs["worker"])  # a person watches a notebook: a progress bar per trial
     (trial,) = optuna.load_study(study_name="demo", storage=store).get_trials()
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["worker"]["account"] == "nb"
-    assert (tmp_path / "ck" / "demo").is_dir()
+    assert [p.name.startswith("demo-") for p in (tmp_path / "ck").iterdir()] == [True]  # the study's own folder
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,9 +53,10 @@ def test_local_platform_on_this_machine(tmp_path, monkeypatch):
     assert detect(account="bob").account == "bob"
 
 
-def test_notebook_sessions_end_twelve_hours_after_the_session_started(monkeypatch):
+def test_notebook_sessions_end_their_platforms_hours_after_the_session_started(monkeypatch):
     monkeypatch.delenv("SWEEPER_DEADLINE_HOURS", raising=False)
-    assert session_deadline("kaggle", None) == session_start() + 12 * 3600
+    assert session_deadline("kaggle", None) == session_start() + 9 * 3600  # Kaggle's 2026 quota message
+    assert session_deadline("colab", None) == session_start() + 12 * 3600
     assert session_deadline("local", 2.0) == pytest.approx(time.time() + 7200, abs=60)
     monkeypatch.setenv("SWEEPER_DEADLINE_HOURS", "1")
     assert session_deadline("colab", None) == pytest.approx(time.time() + 3600, abs=60)

@@ -78,7 +78,8 @@ def test_init_enqueue_grid_report_and_best_on_postgres(spec_toml, pg_store):
     study.tell(trial, 1.5)
 
     table = sweeper("report", "--store", pg_store)
-    assert table.exit_code == 0 and "complete 1  pruned 0  failed 0  running 0  queued 7" in table.stdout
+    assert table.exit_code == 0 and "complete 1  ▓ pruned 0  ▒ running 0  ░ queued 5  · left 0" in table.stdout
+    assert "queued 2 beyond the budget" in table.stdout  # the grid's 8 points, in a budget of 6
     best = sweeper("best", "--store", pg_store, "--json")
     assert best.exit_code == 0, best.output
     config = json.loads(best.stdout)

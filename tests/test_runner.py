@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 from optuna.trial import TrialState
 
 from runner import demo, run_worker
-from runner.train import NonFiniteLoss, SweepData, prepare_data, quiet_libraries, run_trial
+from runner.train import SweepData, prepare_data, quiet_libraries, run_trial
 from sweeper.spec import SweepSpec, load_spec, spec_from_dict
 from sweeper.leases import stopped_workers
 from sweeper.storage import open_store
@@ -131,7 +132,7 @@ def test_larger_effective_batch_takes_fewer_steps_on_the_same_tokens(demo_dir, s
     assert abs(r16.train_tokens - r8.train_tokens) <= 8 * 128
 
 
-def test_nan_loss_stops_the_trial_with_the_reason(demo_dir, sweep_data, tmp_path):
+def test_a_nan_loss_ends_the_trial_as_diverged_with_the_reason(demo_dir, sweep_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     broken = tmp_path / "nan-model"
@@ -143,8 +144,60 @@ def test_nan_loss_stops_the_trial_with_the_reason(demo_dir, sweep_data, tmp_path
         shutil.copy(demo_dir / "tiny-llama" / name, broken / name)
     table = small_spec(demo_dir).to_dict()
     table["model"]["id"] = str(broken)
-    with pytest.raises(NonFiniteLoss, match="training loss became nan at step 1"):
-        run_trial(spec_from_dict(table), PARAMS, tmp_path / "t", sweep_data, log=lambda s: None)
+    result = run_trial(spec_from_dict(table), PARAMS, tmp_path / "t", sweep_data, log=lambda s: None)
+    assert result.diverged == "training loss became nan at step 1 (fp32)"
+    assert (result.eval_loss, result.eval_losses, result.steps) == (None, [], 0)
+
+
+def test_a_trial_that_diverges_after_an_eval_keeps_its_last_finite_eval_loss(demo_dir, sweep_data, tmp_path,
+                                                                              monkeypatch):
+    import runner.train as train
+
+    real = train.take_step
+
+    def take_step(*args):  # the loss overflows at step 5, after the first eval (step 3)
+        if args[-2] == "step 5":
+            raise train.NonFiniteLoss("training loss became inf at step 5 (fp16)")
+        return real(*args)
+
+    monkeypatch.setattr(train, "take_step", take_step)
+    seen = []
+    result = run_trial(small_spec(demo_dir), PARAMS, tmp_path / "t", sweep_data,
+                       lambda k, loss: seen.append(loss) or False, log=lambda s: None)
+    assert result.diverged == "training loss became inf at step 5 (fp16)"
+    assert len(seen) == 1 and result.eval_losses == seen and result.eval_loss == seen[0]
+    assert (result.steps, result.pruned_at) == (4, None)
+
+
+def test_an_allocation_failure_under_another_name_backs_off_like_an_out_of_memory(demo_dir, sweep_data, monkeypatch):
+    """cuBLAS reports an exhausted GPU as a RuntimeError: simulated on the CPU for micro-batches above 2."""
+    from runner import step
+    from runner.train import BaseModel
+
+    spec = small_spec(demo_dir)
+    real = step.forward_loss
+
+    def forward_loss(model, batch, *args):
+        if len(batch["input_ids"]) > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(step, "forward_loss", forward_loss)
+    tensors = step.to_tensors(sweep_data.train)
+    batch = {k: v[:8] for k, v in tensors.items()}
+    lines = []
+    with BaseModel().lora(spec, spec.trial_config(PARAMS), torch.device("cpu"), torch.float32) as model:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, micro = step.accumulate_fitting(model, batch, 8, optimizer, scaler, torch.device("cpu"), torch.float32,
+                                              step.label_count(batch["labels"]), "step 1", lines.append)
+        assert micro == 2 and math.isfinite(float(loss))
+        assert lines == ["  out of GPU memory: micro-batch 4 x 2, gradient checkpointing off",
+                         "  out of GPU memory: micro-batch 2 x 4, gradient checkpointing off"]
+        monkeypatch.setattr(step, "forward_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+        with pytest.raises(RuntimeError, match="shape mismatch"):  # any other RuntimeError is no out-of-memory
+            step.accumulate_fitting(model, batch, 8, optimizer, scaler, torch.device("cpu"), torch.float32, 1,
+                                    "step 1", lines.append)
 
 
 def write_sweep(demo_dir: Path, tmp_path: Path, n_trials: int = 3, **changes) -> Path:
@@ -187,24 +240,43 @@ def test_worker_stops_at_max_trials(demo_dir, tmp_path):
     assert summary.trials == [0] and "max-trials" in summary.stop_reason
 
 
-def test_failing_trials_are_told_fail_with_the_reason_and_the_worker_gives_up_after_three(demo_dir, tmp_path):
+def test_failing_trials_are_told_fail_with_the_reason_and_the_worker_gives_up_after_three(demo_dir, tmp_path,
+                                                                                          monkeypatch):
+    import runner.train
+    from sweeper.errors import SweeperError
+
+    def disk_full(*args, **kwargs):  # what the preflight cannot see: every trial's first checkpoint fails
+        raise SweeperError("cannot write checkpoint /ck/trial/step-000001: No space left on device")
+
+    monkeypatch.setattr(runner.train, "run_trial", disk_full)
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    create_study(load_spec(write_sweep(demo_dir, tmp_path, n_trials=5)), store)
+    with pytest.raises(SweeperError, match="3 trials failed in a row"):
+        run_worker(store, "demo", checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
+    trials = optuna.load_study(study_name="demo", storage=store).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert "No space left on device" in trials[0].user_attrs["result"]["fail_reason"]
+    (stop,) = stopped_workers(optuna.load_study(study_name="demo", storage=store))  # the team sees why, in the store
+    assert "stopped: 3 trials failed in a row; last: SweeperError: cannot write checkpoint" in stop
+
+
+def test_a_model_without_weights_stops_the_worker_at_its_preflight_before_any_claim(demo_dir, tmp_path):
     from sweeper.errors import SweeperError
 
     store = f"sqlite:///{tmp_path / 's.db'}"
-    # The tokenizer is found (the data loads), the weights are not: every trial fails the same way.
+    # The tokenizer is found (the data loads), the weights are not: every trial would fail the same way.
     model = tmp_path / "no-weights"
     model.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_dir / "tiny-llama" / name, model / name)
     sweep = write_sweep(demo_dir, tmp_path, n_trials=5, **{str(demo_dir / "tiny-llama"): str(model)})
     create_study(load_spec(sweep), store)
-    with pytest.raises(SweeperError, match="3 trials failed in a row"):
+    with pytest.raises(SweeperError, match="^preflight failed: training step: cannot load the model of"):
         run_worker(store, "demo", checkpoint_root=str(tmp_path / "ck"), log=lambda s: None)
-    trials = optuna.load_study(study_name="demo", storage=store).get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL] * 3
-    assert "cannot load the model of" in trials[0].user_attrs["result"]["fail_reason"]
-    (stop,) = stopped_workers(optuna.load_study(study_name="demo", storage=store))  # the team sees why, in the store
-    assert "stopped: 3 trials failed in a row; last: SweeperError: cannot load the model of" in stop
+    study = optuna.load_study(study_name="demo", storage=store)
+    assert study.get_trials() == []  # no trial claimed
+    (stop,) = stopped_workers(study)
+    assert "stopped: preflight failed: training step: cannot load the model of" in stop
 
 
 def test_worker_does_not_start_a_trial_past_the_session_deadline(demo_dir, tmp_path):
@@ -311,7 +383,7 @@ def test_fused_kernels_give_the_losses_of_the_unfused_path_within_fp16_tolerance
 
 # ---------------------------------------------------------------------------------------------
 # The 4-bit base stays trainable on every CPU. bitsandbytes 0.49-0.50 repacks 4-bit weights in place into an
-# inference-only format at the first eval-mode forward on a CPU with AVX512-BF16 (DESIGN.md): these three fail
+# inference-only format at the first eval-mode forward on a CPU with AVX512-BF16 (docs/design.md): these three fail
 # there without the fix, and on other CPUs still prove that an eval and a checkpoint leave training as it was.
 
 

@@ -8,8 +8,10 @@ import time
 import pytest
 import test_cli
 from click.testing import Result
+from optuna.trial import TrialState
+from test_report import machine_card
 
-from sweeper.record import SEED
+from sweeper.record import CARD, DIVERGED, SEED
 from sweeper.leases import LEASE, hand_over
 from sweeper.study import load_study, suggest
 
@@ -17,6 +19,7 @@ POINT = {"learning_rate": 5e-4, "batch_size": 16}
 EVALS = [1.6, 1.4, 1.25, 1.2]
 WORKER = {"id": "bob/0a1b2c3d", "account": "bob", "platform": "colab", "gpu": "NVIDIA H100 80GB HBM3"}
 LONG_PATH = "/content/drive/MyDrive/sweeps/a-team-sweep-with-a-long-name/checkpoints/demo/trial-0004/step-000020"
+NAN = "training loss became nan at step 3 (bf16)"
 
 
 def result(checkpoint: str, eval_losses: list[float]) -> dict:
@@ -121,8 +124,75 @@ def test_show_json_holds_the_trial_its_curves_chain_and_config(store):
     assert one["config"]["trials"] == [0, 1] and one["result"]["micro_batch"] == 8 and "train_loss" not in one["result"]
 
 
+def test_show_gives_params_to_3_significant_digits_and_its_json_in_full(store):
+    study, spec = load_study(store, "demo")
+    study.enqueue_trial({"learning_rate": 1.23456789e-4, "batch_size": 8})
+    trial = study.ask()
+    suggest(trial, spec)
+    study.tell(trial, 1.5)
+
+    assert "params      learning_rate=0.000123, batch_size=8" in sweeper(80, "show", "5", "--store", store).stdout
+    detail = json.loads(sweeper(80, "show", "5", "--store", store, "--json").stdout)
+    assert detail["params"] == {"learning_rate": 1.23456789e-4, "batch_size": 8}  # for programs: as it ran
+
+
+@pytest.fixture
+def diverged(store) -> str:
+    """The store plus bob's machine card, and #5: bob's run that diverged after one eval."""
+    study, spec = load_study(store, "demo")
+    card = {**machine_card("bob", WORKER["gpu"], "9.0", "bf16", 8, True), "memory_gb": 79.1}
+    study.set_user_attr(CARD + WORKER["id"], card)
+    study.enqueue_trial({"learning_rate": 1e-3, "batch_size": 16})
+    trial = study.ask()
+    suggest(trial, spec)
+    trial.set_user_attr("worker", WORKER)
+    trial.report(1.5, 1)
+    trial.set_user_attr("result", {"eval_losses": [1.5], "steps": 3, "total_steps": 20, "precision": "bf16",
+                                   "gpus": 1, DIVERGED: NAN})
+    study.tell(trial, state=TrialState.PRUNED)
+    return store
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_show_gives_the_machine_card_and_why_a_trial_diverged(diverged, columns):
+    result = sweeper(columns, "show", "5", "--store", diverged)
+
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= columns
+    text = " ".join(" ".join(lines).split())
+    assert text.startswith(f"trial 5 pruned, eval loss 1.5000 diverged {NAN}; told to Optuna as pruned, its value "
+                           "the last finite eval loss params ")
+    assert ("machine NVIDIA H100 80GB HBM3, compute capability 9.0, 79.1 GB; bf16, micro-batch 8; fused kernels on; "
+            "torch 2.11.0+cu128, cuda 12.8, bitsandbytes 0.50.2") in text
+    assert ("preflight passed in 14.2 s: device pass 0.1 s, bitsandbytes pass 0.4 s, precision pass 1.1 s, training "
+            "step pass 3.2 s, memory pass 9.2 s, fused kernels pass 0.0 s") in text
+    assert "note" not in text  # its only note, that it diverged, is said above
+
+
+def test_show_json_gives_the_card_of_the_worker_that_ran_the_trial(diverged):
+    five, four = (json.loads(sweeper(80, "show", n, "--store", diverged, "--json").stdout) for n in ("5", "4"))
+    assert five["card"]["gpu"] == WORKER["gpu"] and five["card"]["ok"] is True
+    assert five["result"][DIVERGED] == NAN and five["note"] == f"diverged: {NAN}"
+    assert four["card"] is None  # a trial with no worker recorded
+
+
 @pytest.mark.parametrize("number", ["9", "-1"])
 def test_show_of_an_unknown_trial_exits_2_with_one_line(store, number):
     result = sweeper(80, "show", "--store", store, "--", number)
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip() == f"Error: no trial {number} in study 'demo': its trials are #0 to #4"
+
+
+def test_show_of_a_second_resume_prints_the_whole_chain(store):
+    """#3 was resumed as #4, which completed; a retry by hand made #5, resuming #3 too (it failed as surplus): show 5
+    gives the chain through #4, and #5 beside it."""
+    study, _ = load_study(store, "demo")
+    study.enqueue_trial({"learning_rate": 2e-4, "batch_size": 8}, user_attrs={"resumes": 3})
+    late = study.ask()
+    late.set_user_attr("result", {"fail_reason": "surplus: trial 4 resumes trial 3 too"})
+    study.tell(late, state=TrialState.FAIL)
+    result = sweeper(200, "show", "5", "--store", store)
+    assert "chain       #3 fail -> #4 complete; #5 fail resumed #3 too" in result.stdout.splitlines()
+    detail = json.loads(sweeper(80, "show", "5", "--store", store, "--json").stdout)
+    assert [c["number"] for c in detail["chain"]] == [3, 4]
+    assert detail["other_resumes"] == [{"number": 5, "state": "FAIL", "resumes": 3}]

@@ -74,18 +74,33 @@ def init(*args) -> object:
     return CliRunner().invoke(cli, ["init", *map(str, args)], catch_exceptions=False)
 
 
-def cost_line(result) -> str:
-    return next(line for line in result.stderr.splitlines() if line.startswith("expected cost:"))
+def cost_lines(result) -> str:
+    """The cost `init` prints: its first line and the indented ones after it, as one text."""
+    lines = result.stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("expected cost:"))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("  ")), len(lines))
+    return "\n".join(lines[start:end])
 
 
-def test_init_prices_a_new_sweep_from_the_shipped_h100_speed_and_names_its_source(spec_toml, store_url):
+def test_init_prices_a_new_sweep_from_the_speed_shipped_for_its_model_and_names_its_source(spec_toml, store_url):
+    spec_toml.write_text(spec_toml.read_text().replace('id = "tiny/model"', 'id = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"'))
     result = init(spec_toml, "--store", store_url)
     assert result.exit_code == 0, result.output
-    line = cost_line(result)
+    text = cost_lines(result)
     hours = 6 * 10_000 / 2116 / 3600  # conftest's sweep: 6 trials x 10,000 tokens
-    assert line.startswith("expected cost: 6 trials x 10,000 tokens: ")
-    assert f"{hours:,.1f} GPU-hours on H100 (2,116 tok/s, BENCHMARKS.md" in line
-    assert "T4, P100, L4, A100: no typical speed shipped" in line
+    assert text.startswith("expected cost: 6 trials x 10,000 tokens:\n")
+    assert f"  {hours:.2g} GPU-hours on H100 (2,116 tok/s, BENCHMARKS.md" in text
+    assert "other GPUs: priced once a trial there completes" in text
+    assert max(map(len, text.splitlines())) <= 120  # lines a person reads, not one of 337 characters
+
+
+def test_init_says_it_cannot_price_a_model_nothing_was_measured_for(spec_toml, store_url):
+    result = init(spec_toml, "--store", store_url)  # tiny/model: no trial yet, no shipped speed
+    assert result.exit_code == 0, result.output
+    assert cost_lines(result) == ("expected cost: 6 trials x 10,000 tokens; GPU-hours not known yet:\n"
+                                  "  no trial of this study has completed, and no speed is shipped for tiny/model\n"
+                                  "  (sweeper init --overwrite prices it once one has)")
+    assert "H100" not in result.stderr  # another model's figure says nothing of this one
 
 
 def test_init_overwrite_prices_the_sweep_from_the_measured_speed_of_each_gpu(spec_toml, store_url):
@@ -101,9 +116,9 @@ def test_init_overwrite_prices_the_sweep_from_the_measured_speed_of_each_gpu(spe
     spec_toml.write_text(spec_toml.read_text().replace("n_trials = 6", "n_trials = 36"))
     result = init(spec_toml, "--store", store_url, "--overwrite")
     assert result.exit_code == 0, result.output
-    line = cost_line(result)
-    assert "on Tesla T4 (1,200 tok/s measured, 2 trials)" in line
-    assert f"{36 * 10_000 / 1200 / 3600:,.1f} GPU-hours on Tesla T4" in line
-    assert "on NVIDIA L4 (3,000 tok/s measured, 1 trial)" in line  # per GPU: the trial ran on two
-    assert "A100" not in line and "H100" not in line
+    text = cost_lines(result)
+    assert "on Tesla T4 (1,200 tok/s measured, 2 trials of this study)" in text
+    assert f"{36 * 10_000 / 1200 / 3600:.2g} GPU-hours on Tesla T4" in text
+    assert "on NVIDIA L4 (3,000 tok/s measured, 1 trial of this study)" in text  # per GPU: the trial ran on two
+    assert "A100" not in text and "H100" not in text
     assert study.trials[-1].state == TrialState.RUNNING

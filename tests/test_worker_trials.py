@@ -19,11 +19,11 @@ def test_a_worker_hands_one_base_model_to_every_trial_it_runs(tmp_path, spec_tom
     assert sweeper("init", spec_toml, "--store", url).exit_code == 0
     made: list[fast_trainer.BaseModel] = []
     trainer = SimpleNamespace(**{name: getattr(fast_trainer, name) for name in (
-        "quiet_libraries", "prepare_data", "run_trial", "result_attrs", "Preempted")},
+        "quiet_libraries", "prepare_data", "preflight", "run_trial", "result_attrs", "Preempted")},
         BaseModel=lambda: made.append(fast_trainer.BaseModel()) or made[-1])
     summary = run_worker(url, max_trials=3, checkpoint_root=str(tmp_path / "c"), log=lambda line: None, trainer=trainer)
     assert summary.trials == [0, 1, 2]
-    assert len(made) == 1 and made[0].trials == ["trial-0000", "trial-0001", "trial-0002"]
+    assert len(made) == 1 and made[0].trials == ["trial-0000", "trial-0001", "trial-0002"]  # (the preflight's too)
 
 
 def test_the_lease_of_a_running_trial_carries_its_step_and_total_steps():

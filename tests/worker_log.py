@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-OWN_LINE = re.compile(r"(building a tiny model |study |worker |data: |trial \d+|  eval \d+/|again: |platform: |checkpoints go to |\s*$)")
+OWN_LINE = re.compile(r"(building a tiny model |study |worker |data: |trial \d+|  eval \d+/|again: |platform: |checkpoints go to "
+                      r"|preflight |  preflight |\s*$)")
 
 
 def foreign_lines(log: str) -> list[str]:

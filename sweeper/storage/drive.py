@@ -1,7 +1,7 @@
 """drive:///content/drive/MyDrive/sweeps/NAME: one SQLite shard per worker in a synced folder, merged on read.
 
 Colab's Drive mount writes to a per-VM cache and syncs minutes later, and no lock is seen across
-machines (DESIGN.md), so no file here is ever written by two processes:
+machines (docs/design.md), so no file here is ever written by two processes:
 - The first write of a process creates its shard, `<shard id>.db` (Optuna's own SQLite schema), kept
   on local disk and published to the folder after every write (SQLite backup to a local snapshot,
   copy to a hidden temp file, fsync, rename). A process that only reads (report, best) writes nothing.
@@ -51,7 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.pool import NullPool
 
 from sweeper.errors import SweeperError, UserError, env_number, first_line
-from sweeper.record import FINISHED, ORIGIN, RESULT, RESUMES
+from sweeper.record import FINISHED, ORIGIN, PER_WORKER, RESULT, RESUMES
 from sweeper.storage.registry import Backend, register
 
 # ORIGIN, on every trial in the view: "<shard id>#<trial number in that shard>", where its record lives
@@ -432,9 +432,11 @@ class DriveStorage(InMemoryStorage):
                         "use a new study name or folder")
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        """The study's creator sets its attrs (the spec); any worker its own per-worker ones (its machine card, its
+        stop: record.PER_WORKER, keyed by its id), which no other shard writes and every view merges."""
         with self._lock:
             self._check_study_id(study_id)  # no such study: KeyError, as every Optuna storage
-            if study_id not in self._created_studies:
+            if study_id not in self._created_studies and not key.startswith(PER_WORKER):
                 raise UserError("a drive:// study's spec cannot change once workers copied it; use a new study name")
             super().set_study_user_attr(study_id, key, value)
             self._shard_storage().set_study_user_attr(self._shard_study_id(study_id), key, value)

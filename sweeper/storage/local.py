@@ -1,6 +1,6 @@
 """Single-machine stores: sqlite:///path.db (Optuna RDB) and journal:///path.log (Optuna journal file).
 
-Both are safe for many processes on one machine and never across machines (DESIGN.md):
+Both are safe for many processes on one machine and never across machines (docs/design.md):
 SQLite and file locks are not honoured on synced or network folders.
 
 Only `sweeper init` (and the demo) creates a store file: every other command opens an existing one

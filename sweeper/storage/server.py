@@ -11,9 +11,11 @@ import contextlib
 import importlib.util
 import math
 import re
+import warnings
 import zlib
 from collections.abc import Iterator
 
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, GrpcStorageProxy, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalRedisBackend
 
@@ -132,9 +134,20 @@ def open_grpc(url: str) -> BaseStorage:
     if not match:
         raise UserError(f"grpc store needs host and port: grpc://host:port (got {url!r})")
     try:
-        return GrpcStorageProxy(host=match.group(1), port=int(match.group(2)))
+        with warnings.catch_warnings():  # "GrpcStorageProxy is experimental": nothing for a user to act on
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            proxy = GrpcStorageProxy(host=match.group(1), port=int(match.group(2)))
     except ImportError:
         raise UserError("the grpc client is not installed; install optuna[grpc]") from None
+    # The proxy connects at its first call, and a server that is not there fails it with a page of gRPC traceback:
+    # wait for the server first, as long as the other server stores wait to connect.
+    seconds = env_number("SWEEPER_CONNECT_TIMEOUT_S", 30, positive=True)
+    try:
+        proxy.wait_server_ready(timeout=seconds)
+    except ConnectionError:
+        raise SweeperError(f"cannot open store {redact(url)}: no gRPC server answered within {seconds:g} s "
+                           "(SWEEPER_CONNECT_TIMEOUT_S)") from None
+    return proxy
 
 
 def _lacks(module: str, install: str):

@@ -1,7 +1,7 @@
 """gspread's HTTP client with what production needs: our own timeouts, bounded retries, request counts.
 
 gspread's BackOffHTTPClient retries forever and ignores network errors, and requests has no default
-timeout (DESIGN.md). Here every request has a timeout; 408, 429, 5xx and network errors are retried a bounded
+timeout (docs/design.md). Here every request has a timeout; 408, 429, 5xx and network errors are retried a bounded
 number of times with capped exponential backoff and jitter, honouring Retry-After; a write that may have
 been applied before it failed (an append that timed out or got a 408 or 5xx) is never retried blindly, the
 caller decides (MayHaveLanded). A body that cannot be sent as JSON (a NaN, an object) is a programming error,
